@@ -1,0 +1,172 @@
+"""The one console entry point, `aligntok`. Parsing lives here; every subcommand calls a plain function."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from collections.abc import Callable
+
+
+def _assets_fetch(args: argparse.Namespace) -> None:
+    from aligntok import assets
+
+    names = assets.ASSETS if args.names == ["all"] or not args.names else args.names
+    for name in names:
+        path = assets.fetch(name, force=args.force)
+        print(f"{name}: {path}")
+
+
+def _assets_list(args: argparse.Namespace) -> None:
+    from aligntok import assets
+
+    for name, asset in assets.ASSETS.items():
+        present = assets.is_present(name)
+        where = assets.asset_dir(name) if present else "missing (aligntok assets fetch " + name + ")"
+        print(f"{name:18s} {'yes' if present else 'no ':3s}  {asset.description}  [{where}]")
+
+
+def _data_fetch(args: argparse.Namespace) -> None:
+    from aligntok import data
+
+    for name in args.names:
+        print(f"{name}: {data.fetch_dataset(name, force=args.force)}")
+
+
+def _latents_cache(args: argparse.Namespace) -> None:
+    from aligntok.data.latents import build_cache
+
+    build_cache(
+        tokenizer_dir=args.tokenizer,
+        data=args.data,
+        out=args.out,
+        split=args.split,
+        flip=args.flip,
+        batch_size=args.batch_size,
+        bf16=args.bf16,
+    )
+
+
+def _dit_train(args: argparse.Namespace) -> None:
+    from aligntok.config import apply_overrides
+    from aligntok.recipes.dit import dit_train_recipe
+    from aligntok.train.dit import train_dit
+
+    cfg = apply_overrides(dit_train_recipe(args.recipe), args.set)
+    train_dit(cfg, latents=args.latents, out=args.out, resume=args.resume)
+
+
+def _sample(args: argparse.Namespace) -> None:
+    from aligntok.generate import generate
+
+    generate(
+        dit_dir=args.dit,
+        num=args.num,
+        out=args.out,
+        steps=args.steps,
+        cfg_scale=args.cfg,
+        interval=tuple(args.interval),
+        class_id=args.class_id,
+        tokenizer_dir=args.tokenizer,
+        sampler=args.sampler,
+        shift=args.shift,
+        seed=args.seed,
+        batch_size=args.batch_size,
+        bf16=args.bf16,
+        guide_dir=args.guide,
+    )
+
+
+def _demo(args: argparse.Namespace) -> None:
+    print("aligntok demo: not built yet (the end-to-end demo issue has not landed)")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="aligntok", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    assets_p = sub.add_parser("assets", help="offline weights: fetch, verify, list")
+    assets_sub = assets_p.add_subparsers(dest="action", required=True)
+    p = assets_sub.add_parser("fetch", help="fetch and verify assets (default: all)")
+    p.add_argument("names", nargs="*", default=["all"], metavar="NAME")
+    p.add_argument("--force", action="store_true", help="fetch again even if present")
+    p.set_defaults(func=_assets_fetch)
+    p = assets_sub.add_parser("list", help="show which assets are present")
+    p.set_defaults(func=_assets_list)
+
+    data_p = sub.add_parser("data", help="datasets: fetch and prepare")
+    data_sub = data_p.add_subparsers(dest="action", required=True)
+    p = data_sub.add_parser("fetch", help="fetch and prepare a dataset")
+    p.add_argument("names", nargs="+", metavar="NAME", help="emoji | fashion-mnist")
+    p.add_argument("--force", action="store_true")
+    p.set_defaults(func=_data_fetch)
+
+    p = sub.add_parser("latents", help="latent cache of a dataset under a tokenizer")
+    lat_sub = p.add_subparsers(dest="action", required=True)
+    p = lat_sub.add_parser(
+        "cache", help="encode a dataset into sharded safetensors (resumable, torchrun-aware)"
+    )
+    p.add_argument("--tokenizer", required=True, help="a tokenizer export directory")
+    p.add_argument("--data", required=True, help="emoji | fashion-mnist | an image folder")
+    p.add_argument("--out", required=True)
+    p.add_argument("--split", default="train", choices=["train", "val", "all"])
+    p.add_argument("--flip", action="store_true", help="also cache horizontally mirrored copies")
+    p.add_argument("--batch-size", type=int, default=64)
+    p.add_argument("--bf16", action="store_true")
+    p.set_defaults(func=_latents_cache)
+
+    p = sub.add_parser("dit", help="diffusion transformer on a latent cache")
+    dit_sub = p.add_subparsers(dest="action", required=True)
+    p = dit_sub.add_parser("train", help="flow-matching training (exact resume)")
+    p.add_argument("--recipe", required=True, help="debug | emoji | fashion | paper")
+    p.add_argument("--latents", required=True, help="a latent cache directory")
+    p.add_argument("--out", required=True, help="run directory")
+    p.add_argument("--resume", action="store_true")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a recipe field")
+    p.set_defaults(func=_dit_train)
+
+    p = sub.add_parser("sample", help="sample images from a trained DiT")
+    p.add_argument("--dit", required=True, help="a DiT export directory")
+    p.add_argument("--num", type=int, required=True)
+    p.add_argument("--out", required=True)
+    p.add_argument("--steps", type=int, default=30)
+    p.add_argument("--cfg", type=float, default=1.0, help="guidance scale (1 = no guidance)")
+    p.add_argument(
+        "--interval",
+        type=float,
+        nargs=2,
+        default=[0.0, 1.0],
+        metavar=("T_LO", "T_HI"),
+        help="guidance acts for t in [T_LO, T_HI] (noise at t = 1)",
+    )
+    p.add_argument("--class", dest="class_id", type=int, default=None, help="one class (default: balanced)")
+    p.add_argument("--tokenizer", default=None, help="tokenizer export (default: the one the DiT recorded)")
+    p.add_argument("--guide", default=None, help="autoguidance: a weaker DiT export guiding this one")
+    p.add_argument("--sampler", choices=["euler", "heun", "sde"], default="euler")
+    p.add_argument("--shift", type=float, default=1.0, help="timestep shift (>1: more steps near noise)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--batch-size", type=int, default=64)
+    p.add_argument("--bf16", action="store_true")
+    p.set_defaults(func=_sample)
+
+    p = sub.add_parser("demo", help="the main job end to end, with a report")
+    p.add_argument("--preset", choices=["quick", "full"], default="quick")
+    p.add_argument("--out", default="runs/demo")
+    p.set_defaults(func=_demo)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> None:
+    # Offline by construction: no code path may reach a model hub.
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+    args = build_parser().parse_args(argv)
+    func: Callable[[argparse.Namespace], None] = args.func
+    try:
+        func(args)
+    except (ValueError, FileNotFoundError, RuntimeError) as e:
+        # User errors end with one line naming the fix; internal bugs (asserts, TypeErrors) keep tracebacks.
+        if os.environ.get("ALIGNTOK_DEBUG"):
+            raise
+        print(f"aligntok: error: {e}", file=sys.stderr)
+        sys.exit(1)

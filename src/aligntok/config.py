@@ -1,0 +1,117 @@
+"""Typed configs: nested keyword-only dataclasses, `--set a.b=v` overrides, JSON round trip."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import types
+import typing
+from pathlib import Path
+from typing import Any, TypeVar
+
+T = TypeVar("T")
+
+
+def to_dict(cfg: Any) -> dict[str, Any]:
+    """A config as plain JSON-able data (tuples become lists)."""
+    return json.loads(json.dumps(dataclasses.asdict(cfg)))
+
+
+def _coerce(value: Any, tp: Any) -> Any:
+    """Convert JSON data or an override string's parsed value into the annotated type."""
+    origin = typing.get_origin(tp)
+    if origin in (typing.Union, types.UnionType):
+        args = [a for a in typing.get_args(tp) if a is not type(None)]
+        if value is None:
+            return None
+        for arg in args:
+            try:
+                return _coerce(value, arg)
+            except (TypeError, ValueError):
+                continue
+        raise ValueError(f"{value!r} does not fit {tp}")
+    if dataclasses.is_dataclass(tp):
+        if isinstance(value, tp):
+            return value
+        if not isinstance(value, dict):
+            raise ValueError(f"expected a mapping for {tp.__name__}, got {value!r}")
+        return from_dict(tp, value)
+    if origin in (tuple, list):
+        args = typing.get_args(tp)
+        if not isinstance(value, (list, tuple)):
+            raise ValueError(f"expected a list, got {value!r}")
+        if origin is tuple and args and args[-1] is not Ellipsis:
+            return tuple(_coerce(v, a) for v, a in zip(value, args))
+        inner = args[0] if args else Any
+        seq = [_coerce(v, inner) for v in value]
+        return tuple(seq) if origin is tuple else seq
+    if origin is dict or tp is Any or origin is typing.Literal:
+        return value
+    if tp is bool:
+        if isinstance(value, bool):
+            return value
+        raise ValueError(f"expected true/false, got {value!r}")
+    if tp is float and isinstance(value, (int, float)) and not isinstance(value, bool):
+        return float(value)
+    if tp is int and isinstance(value, int) and not isinstance(value, bool):
+        return value
+    if tp is str and isinstance(value, str):
+        return value
+    if tp in (int, float, str):
+        raise ValueError(f"expected {tp.__name__}, got {value!r}")
+    return value
+
+
+def from_dict(cls: type[T], data: dict[str, Any]) -> T:
+    """Build a dataclass from a mapping, strictly: unknown keys are errors."""
+    hints = typing.get_type_hints(cls)
+    names = {f.name for f in dataclasses.fields(cls)}
+    unknown = set(data) - names
+    if unknown:
+        raise ValueError(f"unknown {cls.__name__} field(s) {sorted(unknown)}; known: {sorted(names)}")
+    return cls(**{k: _coerce(v, hints[k]) for k, v in data.items()})
+
+
+def _parse_value(text: str) -> Any:
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError:
+        return text  # bare strings need no quotes: --set encoder.name=vgg16
+
+
+def apply_overrides(cfg: T, overrides: list[str] | tuple[str, ...]) -> T:
+    """A copy of `cfg` with `a.b.c=value` overrides applied (values parsed as JSON where they parse)."""
+    for item in overrides:
+        key, sep, raw = item.partition("=")
+        if not sep or not key:
+            raise ValueError(f"override {item!r} must look like key.path=value")
+        cfg = _set_path(cfg, key.split("."), _parse_value(raw), key)
+    return cfg
+
+
+def _set_path(node: Any, path: list[str], value: Any, full_key: str) -> Any:
+    if not dataclasses.is_dataclass(node):
+        raise ValueError(f"--set {full_key}: {path[0]!r} is inside a value that is not a config section")
+    names = {f.name for f in dataclasses.fields(node)}
+    head = path[0]
+    if head not in names:
+        raise ValueError(
+            f"--set {full_key}: {type(node).__name__} has no field {head!r}; known: {sorted(names)}"
+        )
+    if len(path) == 1:
+        hint = typing.get_type_hints(type(node))[head]
+        try:
+            new = _coerce(value, hint)
+        except ValueError as e:
+            raise ValueError(f"--set {full_key}: {e}") from None
+    else:
+        new = _set_path(getattr(node, head), path[1:], value, full_key)
+    return dataclasses.replace(node, **{head: new})
+
+
+def save_json(cfg: Any, path: str | Path) -> None:
+    Path(path).write_text(json.dumps(to_dict(cfg), indent=2) + "\n")
+
+
+def load_json(cls: type[T], path: str | Path) -> T:
+    return from_dict(cls, json.loads(Path(path).read_text()))

@@ -1,0 +1,1 @@
+"""Networks: architecture only (loops, IO and metrics live elsewhere)."""
