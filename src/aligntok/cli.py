@@ -109,7 +109,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--tokenizer", required=True, help="a tokenizer export directory")
     p.add_argument("--data", required=True, help="emoji | fashion-mnist | an image folder")
     p.add_argument("--out", required=True)
-    p.add_argument("--split", default="train", choices=["train", "val", "all"])
+    p.add_argument("--split", default="train", choices=["train", "val"])
     p.add_argument("--flip", action="store_true", help="also cache horizontally mirrored copies")
     p.add_argument("--batch-size", type=int, default=64)
     p.add_argument("--bf16", action="store_true")

@@ -1,0 +1,156 @@
+"""Exported weights: a directory with `model.safetensors` + `config.json`, never pickle.
+
+The JSON document is the caller's `config` mapping (by convention `{"kind": ..., "config": ...}`) plus a
+`"meta"` entry (the aligntok version and any `extra_meta`). Each file is written to a temporary name and
+moved into place with `os.replace`, so a reader never sees a half-written file. `export_hash` names one
+exact export (weights + config); latent caches record it to refuse a tokenizer they were not made with.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import tempfile
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
+from torch import Tensor, nn
+
+from aligntok import __version__
+
+WEIGHTS_NAME = "model.safetensors"
+CONFIG_NAME = "config.json"
+
+
+def _bad_export(path: Path, reason: str) -> ValueError:
+    return ValueError(
+        f"{path}: {reason}; an export directory must hold {WEIGHTS_NAME} + {CONFIG_NAME} "
+        "as written by save_pretrained (or checkpoint.save_export)"
+    )
+
+
+def _write_atomic(path: Path, write: Callable[[Path], None]) -> None:
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.tmp-")
+    os.close(fd)
+    try:
+        write(Path(tmp))
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+
+
+def _state_for_saving(model: nn.Module) -> dict[str, Tensor]:
+    """CPU, contiguous tensors; tensors sharing storage are copied because safetensors refuses aliases."""
+    state, seen = {}, set()
+    for name, tensor in model.state_dict().items():
+        t = tensor.detach().to("cpu").contiguous()
+        key = (t.untyped_storage().data_ptr(), t.untyped_storage().nbytes())
+        if t.numel() and key in seen:
+            t = t.clone()
+        seen.add(key)
+        state[name] = t
+    return state
+
+
+def save_export(
+    directory: str | Path, model: nn.Module, config: dict[str, Any], extra_meta: dict[str, Any] | None = None
+) -> Path:
+    """Write `model`'s state dict and `config` (+ `"meta"`) to `directory`; returns the directory."""
+    if "meta" in config:
+        raise ValueError("save_export: `config` must not have a 'meta' key; pass it as extra_meta")
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    document = {**config, "meta": {"aligntok_version": __version__, **(extra_meta or {})}}
+    text = json.dumps(document, indent=2, sort_keys=False) + "\n"  # fails here, before any file is touched
+    state = _state_for_saving(model)
+    _write_atomic(directory / WEIGHTS_NAME, lambda p: save_file(state, str(p), metadata={"format": "pt"}))
+    _write_atomic(directory / CONFIG_NAME, lambda p: p.write_text(text))
+    return directory
+
+
+def load_export(
+    directory: str | Path, map_location: str | torch.device = "cpu"
+) -> tuple[dict[str, Tensor], dict[str, Any]]:
+    """The state dict and config document of an export; ValueError naming the path if it is not one."""
+    directory = Path(directory)
+    weights, cfg_path = directory / WEIGHTS_NAME, directory / CONFIG_NAME
+    if not directory.is_dir():
+        raise _bad_export(directory, "no such directory")
+    for p in (weights, cfg_path):
+        if not p.is_file():
+            raise _bad_export(directory, f"{p.name} is missing")
+    try:
+        config = json.loads(cfg_path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise _bad_export(cfg_path, f"not valid JSON ({e})") from None
+    if not isinstance(config, dict):
+        raise _bad_export(cfg_path, "the JSON document is not a mapping")
+    try:
+        state = load_file(str(weights), device=str(map_location))
+    except (SafetensorError, OSError) as e:
+        raise _bad_export(weights, f"not a readable safetensors file ({e})") from None
+    return state, config
+
+
+def load_state_strict(model: nn.Module, state: dict[str, Tensor], source: str | Path) -> None:
+    """Load `state` into `model` requiring the same keys and shapes; ValueError listing what differs."""
+    expected = model.state_dict()
+    missing = sorted(set(expected) - set(state))
+    unexpected = sorted(set(state) - set(expected))
+    shapes = [
+        f"{k} {tuple(state[k].shape)} vs model {tuple(v.shape)}"
+        for k, v in expected.items()
+        if k in state and state[k].shape != v.shape
+    ]
+    problems = []
+    for label, items in (
+        ("missing keys", missing),
+        ("unexpected keys", unexpected),
+        ("wrong shapes", shapes),
+    ):
+        if items:
+            more = f" (+{len(items) - 5} more)" if len(items) > 5 else ""
+            problems.append(f"{label}: {', '.join(items[:5])}{more}")
+    if problems:
+        raise ValueError(
+            f"{source}: weights do not fit the model built from its config ({'; '.join(problems)}); "
+            "re-export with the same aligntok version and config"
+        )
+    model.load_state_dict(state, strict=True)
+
+
+def export_hash(directory: str | Path) -> str:
+    """sha256 of the bytes of model.safetensors followed by config.json: the identity of one export."""
+    directory = Path(directory)
+    digest = hashlib.sha256()
+    for name in (WEIGHTS_NAME, CONFIG_NAME):
+        path = directory / name
+        if not path.is_file():
+            raise _bad_export(directory, f"{name} is missing")
+        with open(path, "rb") as f:
+            for chunk in iter(lambda f=f: f.read(1 << 20), b""):
+                digest.update(chunk)
+    return digest.hexdigest()
+
+
+def save_state(state: dict[str, Any], path: str | Path) -> None:
+    """Write a resumable training state (tensors, numbers, strings, nested dicts/lists) atomically."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    _write_atomic(path, lambda p: torch.save(state, p))
+
+
+def load_state(path: str | Path) -> dict[str, Any]:
+    """Read a training state with `weights_only=True`: loading never executes code."""
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except (RuntimeError, EOFError, OSError) as e:
+        raise ValueError(
+            f"{path} is not a readable aligntok training state ({e}); delete it to restart"
+        ) from None

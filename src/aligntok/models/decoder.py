@@ -1,0 +1,172 @@
+"""CNN pixel decoder of the LDM AutoencoderKL / VA-VAE shape (PAPER.md, "Decoder D").
+
+Latent (B, z_channels, h, w) -> conv_in -> mid (ResnetBlock, self-attention, ResnetBlock) -> one up level
+per entry of `ch_mult`, walked from the last (widest) to the first, each with `num_res_blocks + 1` residual
+blocks (+ attention where the feature map size is in `attn_resolutions`) and a nearest x2 upsample + conv
+between levels -> GroupNorm + SiLU + conv_out. The output lives on the [-1, 1] scale; mapping to [0, 1]
+is the tokenizer's business. Architecture only: no losses here.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+
+@dataclass(kw_only=True)
+class DecoderConfig:
+    """Widths and depth of the decoder; `attn_resolutions` are feature-map sizes (e.g. 16 for 16x16)."""
+
+    z_channels: int
+    ch: int
+    ch_mult: tuple[int, ...]
+    num_res_blocks: int
+    attn_resolutions: tuple[int, ...] = ()
+    out_channels: int = 3
+    dropout: float = 0.0
+
+    def __post_init__(self) -> None:
+        self.ch_mult = tuple(self.ch_mult)
+        self.attn_resolutions = tuple(self.attn_resolutions)
+        if not self.ch_mult or any(m < 1 for m in self.ch_mult):
+            raise ValueError(f"decoder.ch_mult={self.ch_mult} must be a non-empty list of positive ints")
+        if self.ch < 1 or self.z_channels < 1 or self.out_channels < 1 or self.num_res_blocks < 0:
+            raise ValueError(
+                f"decoder sizes must be positive (ch={self.ch}, z_channels={self.z_channels}, "
+                f"out_channels={self.out_channels}, num_res_blocks={self.num_res_blocks})"
+            )
+        bad = [self.ch * m for m in self.ch_mult if (self.ch * m) % 32]
+        if bad:
+            raise ValueError(f"decoder widths {bad} (ch * ch_mult) must be multiples of 32 for GroupNorm(32)")
+        if not 0.0 <= self.dropout < 1.0:
+            raise ValueError(f"decoder.dropout={self.dropout} must be in [0, 1)")
+
+    @property
+    def upsample_factor(self) -> int:
+        """Output size over latent size: one x2 upsample between consecutive levels."""
+        return 2 ** (len(self.ch_mult) - 1)
+
+
+def _norm(channels: int) -> nn.GroupNorm:
+    return nn.GroupNorm(num_groups=32, num_channels=channels, eps=1e-6, affine=True)
+
+
+class ResnetBlock(nn.Module):
+    """Pre-activation residual block: (GroupNorm, SiLU, conv3x3) twice, 1x1 shortcut when widths differ."""
+
+    def __init__(self, in_ch: int, out_ch: int, dropout: float) -> None:
+        super().__init__()
+        self.norm1 = _norm(in_ch)
+        self.conv1 = nn.Conv2d(in_ch, out_ch, 3, padding=1)
+        self.norm2 = _norm(out_ch)
+        self.dropout = nn.Dropout(dropout)
+        self.conv2 = nn.Conv2d(out_ch, out_ch, 3, padding=1)
+        self.shortcut = nn.Conv2d(in_ch, out_ch, 1) if in_ch != out_ch else nn.Identity()
+
+    def forward(self, x: Tensor) -> Tensor:
+        h = self.conv1(F.silu(self.norm1(x)))
+        h = self.conv2(self.dropout(F.silu(self.norm2(h))))
+        return self.shortcut(x) + h
+
+
+class AttnBlock(nn.Module):
+    """Single-head self-attention over the h*w positions of a feature map, with a residual connection."""
+
+    def __init__(self, channels: int) -> None:
+        super().__init__()
+        self.norm = _norm(channels)
+        self.qkv = nn.Conv2d(channels, 3 * channels, 1)
+        self.proj = nn.Conv2d(channels, channels, 1)
+
+    def forward(self, x: Tensor) -> Tensor:
+        B, C, H, W = x.shape
+        qkv = self.qkv(self.norm(x)).reshape(B, 3, 1, C, H * W).transpose(-1, -2)  # (B, 3, 1, N, C)
+        out = F.scaled_dot_product_attention(qkv[:, 0], qkv[:, 1], qkv[:, 2])  # (B, 1, N, C)
+        return x + self.proj(out.transpose(-1, -2).reshape(B, C, H, W))
+
+
+class Upsample(nn.Module):
+    """Nearest-neighbour x2 then a 3x3 conv (no checkerboard artefacts of transposed convs)."""
+
+    def __init__(self, channels: int) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(channels, channels, 3, padding=1)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.conv(F.interpolate(x, scale_factor=2.0, mode="nearest"))
+
+
+class UpLevel(nn.Module):
+    """One decoder resolution: residual blocks (each optionally followed by attention), then upsample."""
+
+    def __init__(self, in_ch: int, out_ch: int, num_blocks: int, attn: bool, upsample: bool, dropout: float):
+        super().__init__()
+        self.blocks = nn.ModuleList(
+            ResnetBlock(in_ch if i == 0 else out_ch, out_ch, dropout) for i in range(num_blocks)
+        )
+        self.attns = nn.ModuleList(AttnBlock(out_ch) for _ in range(num_blocks)) if attn else None
+        self.upsample = Upsample(out_ch) if upsample else None
+
+    def forward(self, x: Tensor) -> Tensor:
+        for i, block in enumerate(self.blocks):
+            x = block(x)
+            if self.attns is not None:
+                x = self.attns[i](x)
+        return x if self.upsample is None else self.upsample(x)
+
+
+class Decoder(nn.Module):
+    """Latent (B, z_channels, s, s) -> image (B, out_channels, s * f, s * f) on the [-1, 1] scale.
+
+    `latent_size` (s) fixes where attention goes: level sizes are s, 2s, 4s, ... from the bottom up, and a
+    level gets attention when its size is listed in `cfg.attn_resolutions`. The network is convolutional,
+    so other input sizes run too (with attention where it was placed at construction).
+    """
+
+    def __init__(self, cfg: DecoderConfig, latent_size: int) -> None:
+        super().__init__()
+        if latent_size < 1:
+            raise ValueError(f"decoder latent_size={latent_size} must be positive")
+        self.config = cfg
+        self.latent_size = latent_size
+        widths = [cfg.ch * m for m in cfg.ch_mult]
+        self.conv_in = nn.Conv2d(cfg.z_channels, widths[-1], 3, padding=1)
+        self.mid = nn.Sequential(
+            ResnetBlock(widths[-1], widths[-1], cfg.dropout),
+            AttnBlock(widths[-1]),
+            ResnetBlock(widths[-1], widths[-1], cfg.dropout),
+        )
+        levels, size, in_ch = [], latent_size, widths[-1]
+        for level in reversed(range(len(widths))):
+            levels.append(
+                UpLevel(
+                    in_ch,
+                    widths[level],
+                    cfg.num_res_blocks + 1,
+                    attn=size in cfg.attn_resolutions,
+                    upsample=level > 0,
+                    dropout=cfg.dropout,
+                )
+            )
+            in_ch = widths[level]
+            size *= 2 if level > 0 else 1
+        self.up = nn.ModuleList(levels)  # bottom (widest) level first, in the order they run
+        self.norm_out = _norm(widths[0])
+        self.conv_out = nn.Conv2d(widths[0], cfg.out_channels, 3, padding=1)
+
+    @property
+    def output_size(self) -> int:
+        return self.latent_size * self.config.upsample_factor
+
+    @property
+    def last_layer(self) -> Tensor:
+        """Weight of the final conv: the adaptive GAN weight (taming/LDM) compares gradient norms here."""
+        return self.conv_out.weight
+
+    def forward(self, z: Tensor) -> Tensor:
+        x = self.mid(self.conv_in(z))
+        for level in self.up:
+            x = level(x)
+        return self.conv_out(F.silu(self.norm_out(x)))

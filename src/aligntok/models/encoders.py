@@ -1,0 +1,550 @@
+"""Foundation encoders behind one interface: images in [0, 1] -> a (B, D, h, w) feature grid.
+
+Registry (`ENCODERS`): `efficientnet-lite0` (the offline default, a CNN), `vgg16` (the LPIPS trunk), and the
+ViT families of the paper, loaded through `transformers` from a local folder or built from a config:
+`dinov2` (with or without registers), `siglip` (SigLIP and SigLIP 2, fixed-size or NaFlex), `clip`, `mae`.
+Every encoder resizes its input to `input_size`, normalises it with its own mean/std, runs only the layers
+its feature map needs, and returns channels-first features; `grid(image_size)` says how large that map is.
+Measured dims and strides per block, and why the presets feed images at the sizes they do: docs/encoders.md.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+# The TF EfficientNet-Lite recipe normalises with (x * 255 - 127) / 128. The ported weights agree: on photos
+# the stem BatchNorm's batch variance sits within exp(0.40) of its running variance with this scaling and
+# exp(1.68) with ImageNet statistics (docs/encoders.md; tested in tests/test_encoders.py).
+EFFICIENTNET_LITE_MEAN = (127.0 / 255.0,) * 3
+EFFICIENTNET_LITE_STD = (128.0 / 255.0,) * 3
+CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
+CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
+HALF = (0.5, 0.5, 0.5)
+
+
+@dataclass(kw_only=True)
+class EncoderConfig:
+    """Which foundation encoder, which of its layers, and at which input size.
+
+    `path` (a local transformers folder) wins over `hf_config` (an architecture only, randomly
+    initialised), so a preset can carry the architecture and `--set encoder.path=...` brings real weights.
+    """
+
+    name: str = "efficientnet-lite0"  # efficientnet-lite0 | vgg16 | dinov2 | siglip | clip | mae
+    block: int | None = None  # EfficientNet block (0..15) / VGG stage (1..5) giving the map; None = default
+    input_size: int | None = None  # images are resized (bilinear, antialias) to this square size; None = keep
+    path: str | None = None  # local folder of a transformers model (config.json + weights)
+    hf_config: dict | None = None  # or: a transformers config as a dict (random init), tests / from scratch
+    layer: int | None = None  # transformers hidden_states index (0 = embeddings); None = last
+    final_norm: bool = True  # apply the ViT's final layernorm to the chosen layer's tokens
+    pretrained: bool = True  # False: random init (tests; or weights that come from a tokenizer export)
+
+
+class Encoder(nn.Module):
+    """Base class: resize to `input_size`, normalise with `mean`/`std`, run the network (`_run`).
+
+    Subclasses set `dim` (feature channels) and `stride` (network-input pixels per feature cell) and implement
+    `_run` and `_grid`. BatchNorm layers stay in eval mode under `train()`: stage 2 fine-tunes the weights but
+    its small batches must not rewrite the pretrained statistics. Modules or parameters listed in
+    `_unused` take no part in `features()`; they stay frozen even under `requires_grad_(True)`, so that a
+    fine-tuning wrapper (DDP) never waits for gradients that cannot come.
+    """
+
+    dim: int
+    stride: int
+    input_size: int | None
+    mean: tuple[float, float, float]
+    std: tuple[float, float, float]
+
+    def __init__(
+        self,
+        *,
+        input_size: int | None,
+        mean: Iterable[float],
+        std: Iterable[float],
+    ) -> None:
+        super().__init__()
+        if input_size is not None and input_size < 1:
+            raise ValueError(f"encoder input_size must be a positive number of pixels, got {input_size}")
+        self.input_size = input_size
+        self.mean = tuple(float(v) for v in mean)  # type: ignore[assignment]
+        self.std = tuple(float(v) for v in std)  # type: ignore[assignment]
+        if len(self.mean) != 3 or len(self.std) != 3:
+            raise ValueError(f"encoder mean/std need 3 values (RGB), got {self.mean} and {self.std}")
+        # Non-persistent: normalisation is configuration, not a weight, and must not enter exports.
+        self.register_buffer("_mean", torch.tensor(self.mean).view(1, 3, 1, 1), persistent=False)
+        self.register_buffer("_std", torch.tensor(self.std).view(1, 3, 1, 1), persistent=False)
+        self._unused: list[nn.Parameter] = []
+
+    def _freeze_unused(self, parts: Iterable[nn.Module | nn.Parameter | None]) -> None:
+        for part in parts:
+            if part is None:
+                continue
+            params = [part] if isinstance(part, nn.Parameter) else list(part.parameters())
+            self._unused.extend(params)
+        for p in self._unused:
+            p.requires_grad_(False)
+
+    def requires_grad_(self, requires_grad: bool = True) -> Encoder:
+        super().requires_grad_(requires_grad)
+        for p in self._unused:
+            p.requires_grad_(False)
+        return self
+
+    def train(self, mode: bool = True) -> Encoder:
+        super().train(mode)
+        for m in self.modules():
+            if isinstance(m, nn.modules.batchnorm._BatchNorm):
+                m.eval()
+        return self
+
+    def prepare(self, images: Tensor) -> Tensor:
+        """Images (B, 3, H, W) in [0, 1] -> the network's input: resized to `input_size`, normalised."""
+        if images.ndim != 4 or images.shape[1] != 3:
+            raise ValueError(
+                f"encoder expects images of shape (B, 3, H, W) in [0, 1], got {tuple(images.shape)}"
+            )
+        s = self.input_size
+        if s is not None and tuple(images.shape[-2:]) != (s, s):
+            images = F.interpolate(images, size=(s, s), mode="bilinear", antialias=True, align_corners=False)
+        return (images - self._mean.to(images.dtype)) / self._std.to(images.dtype)
+
+    def features(self, images: Tensor) -> Tensor:
+        """Images (B, 3, H, W) in [0, 1] -> features (B, dim, h, w), h = w = grid(H) for square images."""
+        return self._run(self.prepare(images))
+
+    def grid(self, image_size: int) -> int:
+        """Side h (= w) of the feature map that `features()` gives for a square image of `image_size` px."""
+        return self._grid(self.input_size if self.input_size is not None else image_size)
+
+    def forward(self, images: Tensor) -> Tensor:
+        return self.features(images)
+
+    def _run(self, x: Tensor) -> Tensor:
+        raise NotImplementedError
+
+    def _grid(self, size: int) -> int:
+        raise NotImplementedError
+
+    def extra_repr(self) -> str:
+        return f"dim={self.dim}, stride={self.stride}, input_size={self.input_size}"
+
+
+# ---------------------------------------------------------------------------------------------------------
+# CNNs: EfficientNet-Lite0 and VGG16
+
+
+def _check_cnn_config(cfg: EncoderConfig, valid_blocks: range, default: int) -> int:
+    if cfg.path is not None or cfg.hf_config is not None or cfg.layer is not None:
+        raise ValueError(
+            f"encoder {cfg.name!r} is a built-in CNN: path, hf_config and layer apply to the transformers "
+            "encoders (dinov2, siglip, clip, mae); choose the feature map with `block`"
+        )
+    block = default if cfg.block is None else cfg.block
+    if block not in valid_blocks:
+        raise ValueError(
+            f"encoder {cfg.name!r}: block {block} is out of range; choose "
+            f"{valid_blocks.start}..{valid_blocks.stop - 1} (default {default})"
+        )
+    return block
+
+
+class EfficientNetLiteEncoder(Encoder):
+    """EfficientNet-Lite0 (package `efficientnet_lite_pytorch`) tapped after MBConv block `block`.
+
+    Only the stem and blocks 0..`block` run for `features()`; the rest of the network (later blocks, head,
+    classifier) is kept, frozen, for `logits()`. Padding is TF "SAME" computed per input (the package's
+    dynamic variant), which equals the package's default static padding at 224 px and at any multiple of 32,
+    and stays correct at other sizes. Drop-connect is off: tokenizer features must be deterministic.
+    """
+
+    NUM_BLOCKS = 16
+    DEFAULT_BLOCK = 10  # 112 channels, stride 16: DESIGN.md's measured choice (55% probe on emoji)
+
+    def __init__(self, cfg: EncoderConfig) -> None:
+        from efficientnet_lite_pytorch import EfficientNet
+
+        block = _check_cnn_config(cfg, range(self.NUM_BLOCKS), self.DEFAULT_BLOCK)
+        super().__init__(input_size=cfg.input_size, mean=EFFICIENTNET_LITE_MEAN, std=EFFICIENTNET_LITE_STD)
+        self.block = block
+        self.net = EfficientNet.from_name("efficientnet-lite0", image_size=None)
+        if cfg.pretrained:
+            from safetensors.torch import load_file
+
+            from aligntok import assets
+
+            state = load_file(assets.require("efficientnet-lite0") / "model.safetensors")
+            self.net.load_state_dict(state, strict=True)
+        taps = self.net._blocks[: self.block + 1]
+        self.dim = int(taps[-1]._block_args.output_filters)
+        # The stem has stride 2; each block's depthwise conv contributes its own (stored as int or [int]).
+        self._strides = [2] + [_as_int(b._block_args.stride) for b in taps]
+        self.stride = math.prod(self._strides)
+        net = self.net
+        self._freeze_unused([*net._blocks[self.block + 1 :], net._conv_head, net._bn1, net._fc])
+
+    def _stem(self, x: Tensor) -> Tensor:
+        return self.net._swish(self.net._bn0(self.net._conv_stem(x)))
+
+    def _run(self, x: Tensor) -> Tensor:
+        x = self._stem(x)
+        for block in self.net._blocks[: self.block + 1]:
+            x = block(x, drop_connect_rate=None)
+        return x
+
+    def _grid(self, size: int) -> int:
+        for s in self._strides:  # "SAME" padding: every strided conv gives ceil(n / s)
+            size = -(-size // s)
+        return size
+
+    def logits(self, images: Tensor) -> Tensor:
+        """ImageNet-1k logits (B, 1000) of images in [0, 1] through the whole classifier (all 16 blocks)."""
+        net = self.net
+        x = self._stem(self.prepare(images))
+        for block in net._blocks:
+            x = block(x, drop_connect_rate=None)
+        x = net._swish(net._bn1(net._conv_head(x)))
+        return net._fc(net._dropout(net._avg_pooling(x).flatten(1)))
+
+
+def _as_int(v: int | list[int] | tuple[int, ...]) -> int:
+    return int(v[0]) if isinstance(v, (list, tuple)) else int(v)
+
+
+class VGG16Encoder(Encoder):
+    """VGG16 convs (the LPIPS trunk, ImageNet weights) tapped after the ReLU closing stage `block` (1..5)."""
+
+    DEFAULT_BLOCK = 4  # relu4_3: 512 channels, stride 8
+
+    def __init__(self, cfg: EncoderConfig) -> None:
+        from aligntok.models.lpips import VGG_MEAN, VGG_STD, VGG16Features, load_vgg16_trunk
+
+        block = _check_cnn_config(cfg, range(1, 6), self.DEFAULT_BLOCK)
+        super().__init__(input_size=cfg.input_size, mean=VGG_MEAN, std=VGG_STD)
+        self.block = block
+        self.trunk = load_vgg16_trunk() if cfg.pretrained else VGG16Features()
+        self.dim = VGG16Features.CHANNELS[self.block - 1]
+        self.stride = 2 ** (self.block - 1)
+        self._freeze_unused([self.trunk.features[VGG16Features.TAPS[self.block - 1] + 1 :]])
+
+    def _run(self, x: Tensor) -> Tensor:
+        return self.trunk(x, stages=self.block)[-1]
+
+    def _grid(self, size: int) -> int:
+        for _ in range(self.block - 1):  # each 2x2 max-pool floors
+            size //= 2
+        return size
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Vision transformers through `transformers`
+
+
+@dataclass(frozen=True, kw_only=True)
+class _Family:
+    """A registry entry's transformers model types, its default config type and default normalisation."""
+
+    model_types: tuple[str, ...]
+    default_type: str
+    mean: tuple[float, float, float]
+    std: tuple[float, float, float]
+
+
+_FAMILIES = {
+    "dinov2": _Family(
+        model_types=("dinov2", "dinov2_with_registers"),
+        default_type="dinov2",
+        mean=IMAGENET_MEAN,
+        std=IMAGENET_STD,
+    ),
+    "siglip": _Family(
+        model_types=("siglip", "siglip_vision_model", "siglip2", "siglip2_vision_model"),
+        default_type="siglip_vision_model",
+        mean=HALF,
+        std=HALF,
+    ),
+    "clip": _Family(
+        model_types=("clip", "clip_vision_model"),
+        default_type="clip_vision_model",
+        mean=CLIP_MEAN,
+        std=CLIP_STD,
+    ),
+    "mae": _Family(model_types=("vit_mae",), default_type="vit_mae", mean=IMAGENET_MEAN, std=IMAGENET_STD),
+}
+
+
+def _vision_model_class(model_type: str) -> type[nn.Module]:
+    import transformers as T
+
+    return {
+        "dinov2": T.Dinov2Model,
+        "dinov2_with_registers": T.Dinov2WithRegistersModel,
+        "siglip": T.SiglipVisionModel,
+        "siglip_vision_model": T.SiglipVisionModel,
+        "siglip2": T.Siglip2VisionModel,
+        "siglip2_vision_model": T.Siglip2VisionModel,
+        "clip": T.CLIPVisionModel,
+        "clip_vision_model": T.CLIPVisionModel,
+        "vit_mae": T.ViTMAEModel,
+    }[model_type]
+
+
+def _bad_path(path: str | Path, why: str) -> ValueError:
+    return ValueError(
+        f"encoder path {path}: {why}; it must be a local transformers model folder holding config.json and "
+        "its weights (model.safetensors or pytorch_model.bin), e.g. from `save_pretrained`"
+    )
+
+
+def _read_json(path: Path) -> dict:
+    try:
+        data = json.loads(path.read_text())
+    except (OSError, ValueError) as e:
+        raise _bad_path(path.parent, f"cannot read {path.name} ({e.__class__.__name__})") from None
+    if not isinstance(data, dict):
+        raise _bad_path(path.parent, f"{path.name} is not a JSON object")
+    return data
+
+
+def _native_size(preprocessor: dict) -> int | None:
+    """The square size a checkpoint's own preprocessing feeds it (center crop first, then resize target)."""
+    specs = [preprocessor.get("crop_size") if preprocessor.get("do_center_crop", True) else None]
+    specs.append(preprocessor.get("size"))
+    for spec in specs:
+        if isinstance(spec, int):
+            return spec
+        if isinstance(spec, dict):
+            side = spec.get("height") or spec.get("shortest_edge")
+            if isinstance(side, int):
+                return side
+    return None
+
+
+def _load_vit(cfg: EncoderConfig, family: _Family) -> tuple[nn.Module, dict]:
+    """The vision model (from `path`, or randomly initialised from `hf_config`) and its preprocessor dict."""
+    from transformers import AutoConfig
+
+    if cfg.path is not None:
+        folder = Path(cfg.path).expanduser()
+        if not folder.is_dir():
+            raise _bad_path(cfg.path, "no such folder")
+        if not (folder / "config.json").is_file():
+            raise _bad_path(cfg.path, "config.json is missing")
+        model_type = _read_json(folder / "config.json").get("model_type")
+        _check_model_type(cfg.name, family, model_type, f"{folder / 'config.json'}")
+        has_weights = any(folder.glob("*.safetensors")) or any(folder.glob("*.bin"))
+        if cfg.pretrained and not has_weights:
+            raise _bad_path(cfg.path, "no weights file (*.safetensors or *.bin) is there")
+        pre_file = folder / "preprocessor_config.json"
+        preprocessor = _read_json(pre_file) if pre_file.is_file() else {}
+        cls = _vision_model_class(model_type)
+        missing: list[str] = []
+        try:
+            if cfg.pretrained:
+                model, missing = _from_pretrained_quietly(cls, folder)
+            else:
+                model = cls(cls.config_class.from_pretrained(str(folder), local_files_only=True))
+        except Exception as e:  # a user's files: any failure to read them becomes one clear line
+            first = str(e).strip().splitlines()[0] if str(e).strip() else ""
+            why = f"transformers could not load it ({type(e).__name__}: {first})"
+            raise _bad_path(cfg.path, why) from None
+        if missing:  # transformers would keep these randomly initialised, with only a logged warning
+            why = f"its weights lack {len(missing)} tensors of the {model_type} model (e.g. {missing[0]})"
+            raise _bad_path(cfg.path, why)
+        return model, preprocessor
+
+    assert cfg.hf_config is not None
+    kwargs = dict(cfg.hf_config)
+    model_type = kwargs.pop("model_type", family.default_type)
+    _check_model_type(cfg.name, family, model_type, "hf_config")
+    config = AutoConfig.for_model(model_type, **kwargs)
+    # A full dual-encoder config (model_type clip/siglip/siglip2) carries the vision tower's config inside.
+    config = getattr(config, "vision_config", config)
+    return _vision_model_class(model_type)(config), {}
+
+
+def _from_pretrained_quietly(cls: type, folder: Path) -> tuple[nn.Module, list[str]]:
+    """Load `cls` from a local folder; return the model and the keys its weights did not provide.
+
+    Full dual-encoder checkpoints (CLIP, SigLIP) also hold a text tower that the vision model drops by
+    design; transformers' warning-level load report about it is silenced, and missing keys are returned.
+    """
+    from transformers.utils import logging as hf_logging
+
+    level = hf_logging.get_verbosity()
+    hf_logging.set_verbosity_error()
+    try:
+        model, info = cls.from_pretrained(str(folder), local_files_only=True, output_loading_info=True)
+    finally:
+        hf_logging.set_verbosity(level)
+    return model, list(info.get("missing_keys", []))
+
+
+def _check_model_type(name: str, family: _Family, model_type: object, where: str) -> None:
+    if model_type not in family.model_types:
+        raise ValueError(
+            f"encoder {name!r}: {where} has model_type {model_type!r}; this encoder takes "
+            f"{', '.join(family.model_types)}; pick the encoder name that matches the checkpoint"
+        )
+
+
+class HFViTEncoder(Encoder):
+    """A `transformers` ViT's patch tokens from hidden state `layer`, as a (B, D, h, w) grid.
+
+    CLS and register tokens are dropped (DINOv2: 1 + registers; CLIP, MAE: 1; SigLIP: none). With
+    `final_norm` the model's closing LayerNorm is applied to the chosen tokens (for CLIP this is
+    `post_layernorm`, which CLIP itself applies only to its pooled CLS token). MAE runs with mask_ratio 0
+    and the identity token order (its embeddings shuffle tokens even when nothing is masked). The input
+    is resized to `input_size` (default: the checkpoint's own preprocessing size, else the config's
+    image_size), which must be a multiple of the patch size; position embeddings are interpolated when it
+    differs from the pretraining size (DINOv2 always interpolates).
+    """
+
+    def __init__(self, cfg: EncoderConfig) -> None:
+        family = _FAMILIES[cfg.name]
+        if cfg.block is not None:
+            raise ValueError(
+                f"encoder {cfg.name!r} is a transformer: choose the hidden state with `layer`, not `block`"
+            )
+        if cfg.path is None and cfg.hf_config is None:
+            raise ValueError(
+                f"encoder {cfg.name!r} needs `path` (a local transformers folder with config.json and "
+                "weights; aligntok cannot fetch ViT weights offline) or `hf_config` (random init)"
+            )
+        model, preprocessor = _load_vit(cfg, family)
+        config = model.config
+        model_type = str(config.model_type)
+        patch = _as_int(config.patch_size)
+        if model_type.startswith("siglip2"):  # NaFlex: a num_patches position table, resized to any grid
+            trained = math.isqrt(config.num_patches) * patch
+        else:
+            trained = _as_int(config.image_size)
+        input_size = cfg.input_size or _native_size(preprocessor) or trained
+        if input_size % patch:
+            lo, hi = input_size // patch * patch, (input_size // patch + 1) * patch
+            raise ValueError(
+                f"encoder {cfg.name!r}: input_size {input_size} is not a multiple of the patch size "
+                f"{patch}; use {lo} or {hi}"
+            )
+        mean = preprocessor.get("image_mean", family.mean)
+        std = preprocessor.get("image_std", family.std)
+        super().__init__(input_size=input_size, mean=mean, std=std)
+        self.model = model
+        self.model_type = model_type
+        self.patch = patch
+        self.naflex = model_type.startswith("siglip2")
+        self.dim = int(config.hidden_size)
+        self.stride = self.patch
+        self.interpolate = input_size != trained
+        if self.model_type == "vit_mae":
+            config.mask_ratio = 0.0  # the embeddings read it from the shared config object at call time
+        num_layers = int(config.num_hidden_layers)
+        layer = num_layers if cfg.layer is None else cfg.layer
+        if not -(num_layers + 1) <= layer <= num_layers:
+            raise ValueError(
+                f"encoder {cfg.name!r}: layer {layer} is out of range for {num_layers} transformer layers; "
+                f"use 0 (embeddings) .. {num_layers} (last), or a negative index, or None"
+            )
+        self.layer = layer % (num_layers + 1)
+        self.final_norm = cfg.final_norm
+        self.prefix = 0 if self.model_type.startswith("siglip") else 1
+        self.prefix += int(getattr(config, "num_register_tokens", 0) or 0)
+        # Looked up by name at call time: a second reference would register the norm twice in state_dict.
+        self._norm_name = "layernorm" if hasattr(model, "layernorm") else "post_layernorm"
+        norm = getattr(model, self._norm_name)
+        layers = _transformer_layers(model)
+        assert len(layers) == num_layers, (type(model).__name__, len(layers), num_layers)
+        self._freeze_unused(
+            [
+                *layers[self.layer :],
+                None if self.final_norm else norm,
+                getattr(model, "head", None),  # SigLIP's attention-pooling head
+                # DINOv2's mask token serves masked-image pretraining only
+                getattr(getattr(model, "embeddings", None), "mask_token", None),
+            ]
+        )
+
+    def _run(self, x: Tensor) -> Tensor:
+        B, _, S, _ = x.shape
+        side = S // self.patch
+        kwargs: dict = {"output_hidden_states": True}
+        if self.naflex:
+            kwargs["spatial_shapes"] = torch.tensor([[side, side]] * B, device=x.device, dtype=torch.long)
+            kwargs["pixel_attention_mask"] = torch.ones(B, side * side, device=x.device, dtype=torch.long)
+            x = _patchify(x, self.patch)  # (B, N, p*p*3)
+        elif self.model_type == "vit_mae":
+            # argsort of 0..N-1 is the identity: MAE keeps every token in raster order.
+            kwargs["noise"] = torch.arange(side * side, device=x.device, dtype=x.dtype).expand(B, -1)
+            kwargs["interpolate_pos_encoding"] = self.interpolate
+        elif not self.model_type.startswith("dinov2"):
+            kwargs["interpolate_pos_encoding"] = self.interpolate
+        out = self.model(pixel_values=x, **kwargs)
+        tokens = out.hidden_states[self.layer]  # (B, prefix + N, D); index 0 is the embedding output
+        if self.final_norm:
+            tokens = getattr(self.model, self._norm_name)(tokens)
+        tokens = tokens[:, self.prefix :]
+        assert tokens.shape[1] == side * side, (tokens.shape, side, self.prefix)
+        return tokens.transpose(1, 2).reshape(B, self.dim, side, side)  # (B, D, h, w), raster order
+
+    def _grid(self, size: int) -> int:
+        return size // self.patch
+
+
+def _transformer_layers(model: nn.Module) -> nn.ModuleList:
+    """The model's list of transformer blocks (named differently across model families)."""
+    for owner in (getattr(model, "encoder", None), model):
+        for attr in ("layer", "layers"):
+            found = getattr(owner, attr, None)
+            if isinstance(found, nn.ModuleList):
+                return found
+    raise AssertionError(f"no transformer layer list found in {type(model).__name__}")
+
+
+def _patchify(x: Tensor, p: int) -> Tensor:
+    """(B, C, H, W) -> (B, (H/p)(W/p), p*p*C): raster-ordered patches, each flattened (row, col, channel),
+    the layout SigLIP 2 NaFlex's linear patch embedding was trained on."""
+    B, C, H, W = x.shape
+    x = x.reshape(B, C, H // p, p, W // p, p).permute(0, 2, 4, 3, 5, 1)  # (B, h, w, p, p, C)
+    return x.reshape(B, (H // p) * (W // p), p * p * C)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Registry
+
+
+ENCODERS: dict[str, Callable[[EncoderConfig], Encoder]] = {
+    "efficientnet-lite0": EfficientNetLiteEncoder,
+    "vgg16": VGG16Encoder,
+    "dinov2": HFViTEncoder,
+    "siglip": HFViTEncoder,
+    "clip": HFViTEncoder,
+    "mae": HFViTEncoder,
+}
+
+
+def build_encoder(cfg: EncoderConfig) -> Encoder:
+    """The encoder named by `cfg.name`, in eval mode; ValueError for unknown names or bad settings."""
+    if cfg.name not in ENCODERS:
+        raise ValueError(f"unknown encoder {cfg.name!r}; choose one of {', '.join(ENCODERS)}")
+    return ENCODERS[cfg.name](cfg).eval()
+
+
+__all__ = [
+    "ENCODERS",
+    "EfficientNetLiteEncoder",
+    "Encoder",
+    "EncoderConfig",
+    "HFViTEncoder",
+    "VGG16Encoder",
+    "build_encoder",
+]

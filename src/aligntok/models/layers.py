@@ -1,0 +1,272 @@
+"""Transformer building blocks shared by every model: norms, attention, RoPE, MLPs, adaLN, embedders.
+
+This module is the ONE home of these pieces (see DESIGN.md section 2); model files import from here.
+Shape letters: B batch, N tokens, D width, H heads, K head dim, C channels, p patch size.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+# ---------------------------------------------------------------------------------------------------------
+# Normalisation and modulation
+
+
+class RMSNorm(nn.Module):
+    """Root-mean-square norm (Zhang & Sennrich 2019) over the last axis, computed in float32.
+
+    The result is cast back to the input dtype so that, under bf16 autocast, q/k/v stay in one dtype.
+    """
+
+    def __init__(self, dim: int, *, eps: float = 1e-6, affine: bool = True) -> None:
+        super().__init__()
+        self.dim = dim
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim)) if affine else None
+
+    def reset_parameters(self) -> None:
+        if self.weight is not None:
+            nn.init.ones_(self.weight)
+
+    def forward(self, x: Tensor) -> Tensor:
+        y = x.float()
+        y = y * torch.rsqrt(y.pow(2).mean(dim=-1, keepdim=True) + self.eps)
+        if self.weight is not None:
+            y = y * self.weight.float()
+        return y.to(x.dtype)
+
+    def extra_repr(self) -> str:
+        return f"{self.dim}, eps={self.eps}, affine={self.weight is not None}"
+
+
+def make_norm(dim: int, *, rms: bool, eps: float = 1e-6) -> nn.Module:
+    """The pre-norm of a transformer block: RMSNorm (with a gain) or DiT's affine-free LayerNorm."""
+    return RMSNorm(dim, eps=eps) if rms else nn.LayerNorm(dim, eps=eps, elementwise_affine=False)
+
+
+def modulate(x: Tensor, shift: Tensor, scale: Tensor) -> Tensor:
+    """adaLN modulation x * (1 + scale) + shift (DiT, Peebles & Xie 2023, sec. 3.2).
+
+    `shift` and `scale` must broadcast against `x`, e.g. (B, 1, D) against (B, N, D); the `1 +` makes a
+    zero-initialised modulation the identity.
+    """
+    return x * (1 + scale) + shift
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Positions: 2-D rotary embedding and fixed 2-D sin-cos embedding
+
+
+def grid_coords(
+    grid_h: int, grid_w: int, *, device: torch.device | str | None = None
+) -> tuple[Tensor, Tensor]:
+    """Row and column index of every token of an (h, w) grid in row-major order: two (N,) float tensors."""
+    rows = torch.arange(grid_h, device=device, dtype=torch.float32).repeat_interleave(grid_w)
+    cols = torch.arange(grid_w, device=device, dtype=torch.float32).repeat(grid_h)
+    return rows, cols
+
+
+def rope_2d_tables(
+    rows: Tensor, cols: Tensor, head_dim: int, *, theta: float = 10000.0
+) -> tuple[Tensor, Tensor]:
+    """cos and sin tables, each (N, head_dim // 2) float32, of a 2-D rotary embedding.
+
+    The head dim is split into head_dim // 2 pairs of channels; the first half of the pairs rotates by
+    row * f_k and the second half by col * f_k, with f_k = theta ** (-k / (head_dim / 4)),
+    k = 0 .. head_dim / 4 - 1 (1-D RoPE of Su et al. 2021 applied per axis, as in EVA-02/LightningDiT).
+    """
+    if head_dim % 4:
+        raise ValueError(
+            f"2-D RoPE needs a head dim divisible by 4, got {head_dim}; change hidden_size/num_heads"
+        )
+    quarter = head_dim // 4
+    freqs = theta ** (-torch.arange(quarter, device=rows.device, dtype=torch.float32) / quarter)  # (K/4,)
+    angles = torch.cat([rows.float()[:, None] * freqs, cols.float()[:, None] * freqs], dim=-1)  # (N, K/2)
+    return angles.cos(), angles.sin()
+
+
+def apply_rope(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
+    """Rotate channel pairs (2i, 2i+1) of x (..., N, K) by the angles behind cos/sin (N, K/2).
+
+    Computed in float32 and cast back to x's dtype; a rotation, so per-token norms are preserved.
+    """
+    xf = x.float().unflatten(-1, (-1, 2))  # (..., N, K/2, 2)
+    x0, x1 = xf.unbind(-1)
+    cos, sin = cos.float(), sin.float()
+    out = torch.stack([x0 * cos - x1 * sin, x0 * sin + x1 * cos], dim=-1)
+    return out.flatten(-2).to(x.dtype)
+
+
+def sincos_pos_embed_2d(rows: Tensor, cols: Tensor, dim: int) -> Tensor:
+    """Fixed 2-D sin-cos position embedding (N, dim) float32, half the width per axis (MAE/DiT style)."""
+    if dim % 4:
+        raise ValueError(f"a 2-D sin-cos position embedding needs a width divisible by 4, got {dim}")
+    quarter = dim // 4
+    omega = 1.0 / 10000 ** (torch.arange(quarter, device=rows.device, dtype=torch.float32) / quarter)
+    parts = []
+    for pos in (rows.float(), cols.float()):
+        arg = pos[:, None] * omega  # (N, D/4)
+        parts += [arg.sin(), arg.cos()]
+    return torch.cat(parts, dim=-1)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Attention and MLPs
+
+
+class Attention(nn.Module):
+    """Multi-head self-attention with optional QK-norm and 2-D RoPE, via scaled_dot_product_attention.
+
+    QK-norm (an RMSNorm over each head's q and k, Dehghani et al. 2023) bounds the attention logits;
+    the AlignTok paper needed it to keep long LightningDiT runs from diverging.
+    """
+
+    def __init__(
+        self, dim: int, num_heads: int, *, qk_norm: bool = False, qkv_bias: bool = True, eps: float = 1e-6
+    ) -> None:
+        super().__init__()
+        if dim % num_heads:
+            raise ValueError(f"attention width {dim} is not divisible by num_heads={num_heads}")
+        self.num_heads = num_heads
+        self.head_dim = dim // num_heads
+        self.qkv = nn.Linear(dim, 3 * dim, bias=qkv_bias)
+        self.q_norm = RMSNorm(self.head_dim, eps=eps) if qk_norm else nn.Identity()
+        self.k_norm = RMSNorm(self.head_dim, eps=eps) if qk_norm else nn.Identity()
+        self.proj = nn.Linear(dim, dim)
+
+    def forward(self, x: Tensor, rope: tuple[Tensor, Tensor] | None = None) -> Tensor:
+        """x (B, N, D), rope = (cos, sin) each (N, K/2) or None -> (B, N, D)."""
+        b, n, d = x.shape
+        qkv = (
+            self.qkv(x).view(b, n, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4)
+        )  # (3, B, H, N, K)
+        q, k, v = qkv.unbind(0)
+        q, k = self.q_norm(q), self.k_norm(k)
+        if rope is not None:
+            q, k = apply_rope(q, *rope), apply_rope(k, *rope)
+        out = F.scaled_dot_product_attention(q, k, v)  # (B, H, N, K)
+        return self.proj(out.transpose(1, 2).reshape(b, n, d))
+
+
+def swiglu_hidden(dim: int, mlp_ratio: float, *, multiple_of: int = 8) -> int:
+    """SwiGLU hidden width: 2/3 of the GELU MLP's width (so the parameter count matches), rounded UP to a
+    multiple of `multiple_of` for kernel-friendly shapes. 1152 x 4 -> 3072, 1024 x 4 -> 2736."""
+    hidden = int(round(2 * mlp_ratio * dim / 3, 6))
+    return -(-hidden // multiple_of) * multiple_of
+
+
+class SwiGLU(nn.Module):
+    """SwiGLU feed-forward (Shazeer 2020): w3(silu(x W1) * (x W2)), hidden width from `swiglu_hidden`."""
+
+    def __init__(self, dim: int, mlp_ratio: float = 4.0) -> None:
+        super().__init__()
+        self.hidden = swiglu_hidden(dim, mlp_ratio)
+        self.w12 = nn.Linear(dim, 2 * self.hidden)
+        self.w3 = nn.Linear(self.hidden, dim)
+
+    def forward(self, x: Tensor) -> Tensor:
+        gate, value = self.w12(x).chunk(2, dim=-1)
+        return self.w3(F.silu(gate) * value)
+
+
+class GeluMLP(nn.Module):
+    """The ViT/DiT MLP: Linear -> GELU (tanh approximation) -> Linear, hidden width int(dim * mlp_ratio)."""
+
+    def __init__(self, dim: int, mlp_ratio: float = 4.0) -> None:
+        super().__init__()
+        self.hidden = int(dim * mlp_ratio)
+        self.fc1 = nn.Linear(dim, self.hidden)
+        self.fc2 = nn.Linear(self.hidden, dim)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.fc2(F.gelu(self.fc1(x), approximate="tanh"))
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Conditioning embedders
+
+
+def timestep_frequencies(t: Tensor, dim: int, *, max_period: float = 10000.0) -> Tensor:
+    """Sinusoidal features (B, dim) float32 of (already scaled) times t (B,), [cos | sin] as in DiT."""
+    half = dim // 2
+    freqs = torch.exp(-math.log(max_period) * torch.arange(half, device=t.device, dtype=torch.float32) / half)
+    args = t.float()[:, None] * freqs[None]  # (B, dim/2)
+    emb = torch.cat([args.cos(), args.sin()], dim=-1)
+    if dim % 2:
+        emb = F.pad(emb, (0, 1))
+    return emb
+
+
+class TimestepEmbedder(nn.Module):
+    """t in [0, 1] -> (B, D): sinusoidal features of 1000 t (DiT's integer-step scale) then a 2-layer MLP."""
+
+    def __init__(self, dim: int, *, frequency_dim: int = 256, time_scale: float = 1000.0) -> None:
+        super().__init__()
+        self.frequency_dim = frequency_dim
+        self.time_scale = time_scale
+        self.mlp = nn.Sequential(nn.Linear(frequency_dim, dim), nn.SiLU(), nn.Linear(dim, dim))
+
+    def reset_parameters(self) -> None:
+        for layer in (self.mlp[0], self.mlp[2]):
+            nn.init.normal_(layer.weight, std=0.02)
+            nn.init.zeros_(layer.bias)
+
+    def forward(self, t: Tensor) -> Tensor:
+        # Features in float32 (1000 t in bf16 would round to steps of ~4), then the MLP's own dtype so
+        # that bf16 parameters (FSDP mixed precision) work without autocast.
+        freq = timestep_frequencies(t.float() * self.time_scale, self.frequency_dim)
+        return self.mlp(freq.to(self.mlp[0].weight.dtype))
+
+
+class LabelEmbedder(nn.Module):
+    """Class label -> (B, D) with one extra row, `null_class` (= num_classes), for classifier-free guidance.
+
+    Label dropout is the training loop's job: it replaces labels by `null_class`; the model never drops.
+    """
+
+    def __init__(self, num_classes: int, dim: int) -> None:
+        super().__init__()
+        self.num_classes = num_classes
+        self.null_class = num_classes
+        self.table = nn.Embedding(num_classes + 1, dim)
+
+    def reset_parameters(self) -> None:
+        nn.init.normal_(self.table.weight, std=0.02)
+
+    def forward(self, y: Tensor) -> Tensor:
+        return self.table(y)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Patches
+
+
+class PatchEmbed(nn.Module):
+    """(B, C, H, W) -> (B, N, D) tokens in row-major order, N = (H / p) (W / p): a stride-p convolution."""
+
+    def __init__(self, in_channels: int, dim: int, patch_size: int) -> None:
+        super().__init__()
+        self.patch_size = patch_size
+        self.proj = nn.Conv2d(in_channels, dim, kernel_size=patch_size, stride=patch_size)
+
+    def reset_parameters(self) -> None:
+        # DiT: initialise like a Linear on the flattened patch (xavier on (D, C p p)).
+        nn.init.xavier_uniform_(self.proj.weight.view(self.proj.weight.shape[0], -1))
+        nn.init.zeros_(self.proj.bias)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.proj(x).flatten(2).transpose(1, 2)
+
+
+def unpatchify(x: Tensor, patch_size: int, grid_h: int, grid_w: int) -> Tensor:
+    """(B, N, p * p * C) tokens, channels ordered (p_row, p_col, C) -> (B, C, grid_h * p, grid_w * p)."""
+    b, n, f = x.shape
+    p = patch_size
+    assert n == grid_h * grid_w and f % (p * p) == 0, (x.shape, patch_size, grid_h, grid_w)
+    c = f // (p * p)
+    x = x.reshape(b, grid_h, grid_w, p, p, c)
+    return x.permute(0, 5, 1, 3, 2, 4).reshape(b, c, grid_h * p, grid_w * p)

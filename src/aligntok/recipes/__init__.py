@@ -1,0 +1,1 @@
+"""Named presets as Python functions; every recipe has a CPU-sized `debug` twin."""

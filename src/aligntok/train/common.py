@@ -1,0 +1,120 @@
+"""Pieces both training loops share: EMA, learning-rate schedules, RNG state, the JSONL log, progress."""
+
+from __future__ import annotations
+
+import json
+import math
+import random
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+from aligntok import distributed
+
+
+class EMA:
+    """Exponential moving average of a module's parameters (buffers are copied as they are)."""
+
+    def __init__(self, model: nn.Module, decay: float) -> None:
+        self.decay = decay
+        self.shadow = {k: v.detach().clone().float() for k, v in model.state_dict().items()}
+
+    @torch.no_grad()
+    def update(self, model: nn.Module) -> None:
+        for k, v in model.state_dict().items():
+            if v.dtype.is_floating_point:
+                self.shadow[k].lerp_(v.detach().float(), 1.0 - self.decay)
+            else:
+                self.shadow[k].copy_(v)
+
+    def copy_to(self, model: nn.Module) -> None:
+        model.load_state_dict({k: v.to(model.state_dict()[k].dtype) for k, v in self.shadow.items()})
+
+    def state_dict(self) -> dict[str, torch.Tensor]:
+        return dict(self.shadow)
+
+    def load_state_dict(self, state: dict[str, torch.Tensor]) -> None:
+        missing = set(self.shadow) ^ set(state)
+        if missing:
+            raise ValueError(f"EMA state does not match the model (keys differ: {sorted(missing)[:5]} ...)")
+        self.shadow = {k: v.clone().float() for k, v in state.items()}
+
+
+def lr_factor(step: int, *, warmup: int, total: int, schedule: str) -> float:
+    """Multiplier of the base learning rate: linear warm-up, then constant or cosine decay to zero."""
+    if warmup > 0 and step < warmup:
+        return (step + 1) / warmup
+    if schedule == "constant":
+        return 1.0
+    if schedule == "cosine":
+        progress = min(1.0, (step - warmup) / max(1, total - warmup))
+        return 0.5 * (1.0 + math.cos(math.pi * progress))
+    raise ValueError(f"unknown lr schedule {schedule!r}; use 'constant' or 'cosine'")
+
+
+def seed_everything(seed: int) -> None:
+    """Identical parameter init on every rank; per-rank streams come from explicit generators."""
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+def rng_state() -> dict[str, Any]:
+    # numpy's state holds an ndarray; store it as a tensor so the checkpoint loads with weights_only=True.
+    kind, keys, pos, has_gauss, gauss = np.random.get_state()
+    return {
+        "python": random.getstate(),
+        "numpy": [kind, torch.from_numpy(keys.astype(np.int64)), pos, has_gauss, gauss],
+        "torch": torch.get_rng_state(),
+        "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
+    }
+
+
+def set_rng_state(state: dict[str, Any]) -> None:
+    random.setstate(state["python"])
+    kind, keys, pos, has_gauss, gauss = state["numpy"]
+    np.random.set_state((kind, keys.numpy().astype(np.uint32), pos, has_gauss, gauss))
+    torch.set_rng_state(state["torch"])
+    if state["cuda"] and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+class JsonlLog:
+    """Appends one JSON object per line (rank 0 only); every record gets the wall time since the run began."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self.start = time.time()
+
+    def write(self, **record: Any) -> None:
+        if not distributed.world().is_main:
+            return
+        record = {
+            k: (float(v) if isinstance(v, (torch.Tensor, np.floating)) else v) for k, v in record.items()
+        }
+        record["time"] = round(time.time() - self.start, 3)
+        with open(self.path, "a") as f:
+            f.write(json.dumps(record) + "\n")
+
+
+def read_log(path: Path) -> list[dict[str, Any]]:
+    if not path.exists():
+        return []
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+def progress(total: int, initial: int, desc: str) -> tqdm:
+    """A tqdm bar on rank 0 only; silent elsewhere."""
+    return tqdm(
+        total=total,
+        initial=initial,
+        desc=desc,
+        disable=not distributed.world().is_main,
+        dynamic_ncols=True,
+        smoothing=0.1,
+    )

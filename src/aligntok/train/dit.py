@@ -1,0 +1,286 @@
+"""The ONE flow-matching training loop for DiTs on a latent cache (PAPER.md, 'Diffusion model').
+
+Reads top to bottom: build from the cache -> resume if asked -> steps (label dropout, logit-normal t,
+velocity loss, clipping, spike/NaN guard, EMA) -> checkpoints -> export of the EMA weights. Exact resume:
+the data order is a pure function of (seed, epoch), the noise comes from a generator whose state is saved.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Literal
+
+import torch
+
+from aligntok import distributed, flow
+from aligntok.checkpoint import load_export, load_state, save_export, save_state
+from aligntok.config import from_dict, save_json, to_dict
+from aligntok.data.latents import LatentCache
+from aligntok.models.dit import DiT, DiTConfig
+from aligntok.train.common import (
+    EMA,
+    JsonlLog,
+    lr_factor,
+    progress,
+    rng_state,
+    seed_everything,
+    set_rng_state,
+)
+
+
+@dataclass(kw_only=True)
+class DiTTrainConfig:
+    model: str = "debug"  # size preset and patch, e.g. "XL/1", "B/2", "debug"
+    qk_norm: bool = False  # PAPER.md: needed for long runs (diverged at 140-180K steps without)
+    steps: int = 200
+    batch_size: int = 32  # global, split over ranks
+    lr: float = 2e-4
+    betas: tuple[float, float] = (0.9, 0.95)
+    weight_decay: float = 0.0
+    warmup_steps: int = 0
+    schedule: Literal["constant", "cosine"] = "constant"
+    grad_clip: float = 1.0
+    ema_decay: float = 0.9999
+    label_dropout: float = 0.1  # probability a label is replaced by the null class (for guidance)
+    t_sampling: Literal["logit_normal", "uniform"] = "logit_normal"
+    t_mean: float = 0.0
+    t_std: float = 1.0
+    cosine_weight: float = 0.0  # LightningDiT's cosine-similarity velocity term
+    bf16: bool = False
+    seed: int = 0
+    log_every: int = 25
+    ckpt_every: int = 500
+    keep_checkpoints: tuple[int, ...] = ()  # steps whose EMA export is also kept (convergence studies)
+    spike_factor: float = 10.0  # a loss this many times its running mean is a spike
+    on_spike: Literal["skip", "stop"] = "skip"
+    max_consecutive_skips: int = 20
+
+
+def build_dit(cfg: DiTTrainConfig, *, latent_shape: list[int], num_classes: int) -> DiT:
+    from aligntok.recipes.dit import dit_preset
+
+    c, h, _ = latent_shape
+    config = dit_preset(cfg.model, in_channels=c, input_size=h, num_classes=num_classes, qk_norm=cfg.qk_norm)
+    return DiT(config)
+
+
+class SpikeGuard:
+    """Detects NaN/inf losses and spikes (loss > factor x running mean) before the optimizer step."""
+
+    def __init__(self, factor: float, max_skips: int) -> None:
+        self.factor, self.max_skips = factor, max_skips
+        self.mean: float | None = None
+        self.skips = 0
+        self.total_skips = 0
+
+    def is_bad(self, loss: float) -> bool:
+        bad = not math.isfinite(loss) or (self.mean is not None and loss > self.factor * self.mean)
+        if bad:
+            self.skips += 1
+            self.total_skips += 1
+        else:
+            self.skips = 0
+            self.mean = loss if self.mean is None else 0.99 * self.mean + 0.01 * loss
+        return bad
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"mean": self.mean, "skips": self.skips, "total_skips": self.total_skips}
+
+    def load_state_dict(self, s: dict[str, Any]) -> None:
+        self.mean, self.skips, self.total_skips = s["mean"], s["skips"], s["total_skips"]
+
+
+def _batch_indices(step: int, *, n: int, batch: int, seed: int, rank: int, world: int) -> torch.Tensor:
+    """This rank's slice of the global batch at `step`: a pure function of the step (exact resume)."""
+    per_epoch = n // batch
+    if per_epoch == 0:
+        raise ValueError(f"batch_size {batch} exceeds the {n} cached latents; lower --set batch_size")
+    epoch, pos = divmod(step, per_epoch)
+    perm = torch.randperm(n, generator=torch.Generator().manual_seed(seed * 100_003 + epoch))
+    global_idx = perm[pos * batch : (pos + 1) * batch]
+    return global_idx.chunk(world)[rank]
+
+
+def train_dit(cfg: DiTTrainConfig, *, latents: str | Path, out: str | Path, resume: bool = False) -> Path:
+    """Train a DiT on a latent cache; returns the export directory."""
+    out = Path(out)
+    world = distributed.init()
+    if cfg.batch_size % world.world_size:
+        raise ValueError(f"batch_size {cfg.batch_size} must divide by the {world.world_size} ranks")
+    ckpt_path = out / "checkpoints" / "last.pt"
+    if ckpt_path.exists() and not resume:
+        raise ValueError(f"{out} already holds a run; pass --resume to continue it or choose a new --out")
+    cache = LatentCache.load(latents)
+    device = world.device
+    seed_everything(cfg.seed)
+    model = build_dit(cfg, latent_shape=cache.meta["latent_shape"], num_classes=cache.num_classes).to(device)
+    ema = EMA(model, cfg.ema_decay)
+    opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, betas=cfg.betas, weight_decay=cfg.weight_decay)
+    guard = SpikeGuard(cfg.spike_factor, cfg.max_consecutive_skips)
+    gen = torch.Generator(device).manual_seed(cfg.seed * 7919 + world.rank)
+    data = cache.normalized()
+    labels = cache.labels
+    null_class = cache.num_classes
+    step = 0
+    if world.is_main:
+        out.mkdir(parents=True, exist_ok=True)
+        save_json(cfg, out / "config.json")
+    if resume and ckpt_path.exists():
+        state = load_state(ckpt_path)
+        if state["config"] != to_dict(cfg):
+            raise ValueError(f"{ckpt_path} was made with another config; resume with the same recipe/--set")
+        model.load_state_dict(state["model"])
+        ema.load_state_dict(state["ema"])
+        opt.load_state_dict(state["optimizer"])
+        guard.load_state_dict(state["guard"])
+        set_rng_state(state["rng"])
+        gen.set_state(
+            state["generator"][world.rank] if world.rank < len(state["generator"]) else gen.get_state()
+        )
+        step = state["step"]
+        distributed.print0(f"resumed {out} at step {step}")
+    log = JsonlLog(out / "log.jsonl")
+    bar = progress(cfg.steps, step, "dit")
+    model.train()
+    t0, seen = time.time(), 0
+    while step < cfg.steps:
+        idx = _batch_indices(
+            step, n=len(data), batch=cfg.batch_size, seed=cfg.seed, rank=world.rank, world=world.world_size
+        )
+        z0 = data[idx].to(device)
+        y = labels[idx].to(device)
+        drop = torch.rand(len(y), generator=gen, device=device) < cfg.label_dropout
+        y = torch.where(drop, torch.full_like(y, null_class), y)
+        t = flow.sample_t(
+            len(z0), kind=cfg.t_sampling, mean=cfg.t_mean, std=cfg.t_std, generator=gen, device=device
+        )
+        eps = torch.randn(z0.shape, generator=gen, device=device)
+        for group in opt.param_groups:
+            group["lr"] = cfg.lr * lr_factor(
+                step, warmup=cfg.warmup_steps, total=cfg.steps, schedule=cfg.schedule
+            )
+        with distributed.autocast(cfg.bf16):
+            pred = model(flow.interpolate(z0, eps, t), t, y)
+        loss = flow.flow_loss(
+            pred.float(), flow.velocity_target(z0, eps), cosine_weight=cfg.cosine_weight
+        ).mean()
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
+        loss_value = loss.item()
+        if guard.is_bad(loss_value) or not math.isfinite(grad_norm.item()):
+            msg = (
+                f"loss {loss_value:.4g} at step {step} is NaN/inf or above {cfg.spike_factor}x its running "
+                f"mean {guard.mean}"
+            )
+            if cfg.on_spike == "stop" or guard.skips > cfg.max_consecutive_skips:
+                raise RuntimeError(
+                    f"{msg}; training stopped. Resume from {ckpt_path} with a lower lr, "
+                    "--set qk_norm=true or bf16=false"
+                )
+            log.write(step=step, event="skipped_step", loss=loss_value)
+            opt.zero_grad(set_to_none=True)
+        else:
+            opt.step()
+            ema.update(model)
+        step += 1
+        seen += len(z0) * world.world_size
+        bar.update()
+        if step % cfg.log_every == 0 or step == cfg.steps:
+            elapsed = time.time() - t0
+            log.write(
+                step=step,
+                loss=loss_value,
+                grad_norm=grad_norm.item(),
+                lr=opt.param_groups[0]["lr"],
+                samples_per_s=seen / max(elapsed, 1e-9),
+                skipped=guard.total_skips,
+            )
+            bar.set_postfix(loss=f"{loss_value:.4f}")
+        if step % cfg.ckpt_every == 0 or step == cfg.steps:
+            state = {
+                "config": to_dict(cfg),
+                "step": step,
+                "model": model.state_dict(),
+                "ema": ema.state_dict(),
+                "optimizer": opt.state_dict(),
+                "guard": guard.state_dict(),
+                "rng": rng_state(),
+                "generator": [gen.get_state()],
+            }
+            if world.is_main:
+                save_state(state, ckpt_path)
+        if step in cfg.keep_checkpoints and world.is_main:
+            export_dit(model, ema, cfg, cache, out / "exports" / f"step-{step:07d}")
+    bar.close()
+    export = out / "export"
+    if world.is_main:
+        export_dit(model, ema, cfg, cache, export)
+    distributed.barrier()
+    distributed.print0(f"DiT trained for {step} steps; export at {export}")
+    return export
+
+
+def export_dit(model: DiT, ema: EMA, cfg: DiTTrainConfig, cache: LatentCache, out: Path) -> None:
+    """EMA weights + everything sampling needs: model config, latent statistics, the tokenizer identity."""
+    ema_model = DiT(model.config)
+    ema.copy_to(ema_model)
+    save_export(
+        out,
+        ema_model,
+        {
+            "kind": "dit",
+            "config": to_dict(model.config),
+            "train": to_dict(cfg),
+            "latents": {
+                "path": str(cache.path.resolve()),
+                "mean": cache.meta["mean"],
+                "std": cache.meta["std"],
+                "classes": cache.meta["classes"],
+                "tokenizer": cache.meta["tokenizer"],
+            },
+        },
+    )
+
+
+@dataclass
+class TrainedDiT:
+    """A DiT export loaded for sampling."""
+
+    model: DiT
+    meta: dict[str, Any]
+
+    @property
+    def mean(self) -> torch.Tensor:
+        return torch.tensor(self.meta["latents"]["mean"])
+
+    @property
+    def std(self) -> torch.Tensor:
+        return torch.tensor(self.meta["latents"]["std"])
+
+    @property
+    def classes(self) -> list[str]:
+        return list(self.meta["latents"]["classes"])
+
+    @property
+    def tokenizer_hash(self) -> str:
+        return self.meta["latents"]["tokenizer"]["hash"]
+
+    @property
+    def tokenizer_path(self) -> str:
+        return self.meta["latents"]["tokenizer"]["path"]
+
+
+def load_dit(path: str | Path, map_location: str | torch.device = "cpu") -> TrainedDiT:
+
+    state, meta = load_export(path)
+    if meta.get("kind") != "dit":
+        raise ValueError(
+            f"{path} is not a DiT export (kind {meta.get('kind')!r}); pass the run's export/ dir"
+        )
+    model = DiT(from_dict(DiTConfig, meta["config"]))
+    model.load_state_dict(state)
+    return TrainedDiT(model.to(map_location).eval(), meta)

@@ -1,0 +1,248 @@
+"""Tokenizer: preset shapes, export round trip, strict loading, latent statistics, gradients."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+from aligntok.checkpoint import export_hash, load_export, save_export
+from aligntok.config import apply_overrides
+from aligntok.models.decoder import Decoder, DecoderConfig
+from aligntok.models.tokenizer import Tokenizer, TokenizerConfig
+from aligntok.recipes.tokenizer import TOKENIZER_PRESETS, tokenizer_preset
+
+TINY_DINOV2 = {
+    "model_type": "dinov2",
+    "hidden_size": 32,
+    "num_hidden_layers": 2,
+    "num_attention_heads": 2,
+    "mlp_ratio": 2,
+    "patch_size": 14,
+    "image_size": 224,
+}
+
+
+def small_config(name: str, pretrained: bool = False) -> TokenizerConfig:
+    """The preset with a tiny random ViT for `paper` (and a narrow decoder of the same shape), else as is."""
+    cfg = tokenizer_preset(name)
+    enc = dataclasses.replace(cfg.encoder, pretrained=pretrained)
+    if name == "paper":
+        enc = dataclasses.replace(enc, hf_config=dict(TINY_DINOV2))
+        dec = dataclasses.replace(cfg.decoder, ch=32, num_res_blocks=1)
+        cfg = dataclasses.replace(cfg, adapter_hidden=16, decoder=dec)
+    return dataclasses.replace(cfg, encoder=enc)
+
+
+def images(cfg: TokenizerConfig, n: int = 2, seed: int = 0) -> torch.Tensor:
+    g = torch.Generator().manual_seed(seed)
+    return torch.rand(n, 3, cfg.image_size, cfg.image_size, generator=g)
+
+
+def test_paper_decoder_has_about_42m_parameters():
+    cfg = tokenizer_preset("paper")
+    with torch.device("meta"):
+        decoder = Decoder(cfg.decoder, latent_size=16)
+    n = sum(p.numel() for p in decoder.parameters())
+    assert 40e6 <= n <= 45e6, n
+    assert decoder.output_size == 256 and decoder.last_layer is decoder.conv_out.weight
+
+
+@pytest.mark.parametrize("name", sorted(TOKENIZER_PRESETS))
+def test_preset_shapes(name):
+    cfg = small_config(name)
+    tok = Tokenizer(cfg).eval()
+    x = images(cfg, n=1 if name == "paper" else 2)  # 256 px decoding is the slow part
+    with torch.no_grad():
+        z = tok.encode(x)
+        recon = tok.decode(z)
+    C, h, w = tok.latent_shape
+    assert z.shape == (len(x), C, h, w) and cfg.latent_channels == C
+    assert h * 2 ** (len(cfg.decoder.ch_mult) - 1) == cfg.image_size
+    assert recon.shape == x.shape
+    assert torch.isfinite(recon).all()
+
+
+def test_preset_latent_grids():
+    expected = {"paper": (32, 16, 16), "emoji": (16, 8, 8), "fashion": (8, 8, 8), "debug": (4, 4, 4)}
+    assert set(expected) == set(TOKENIZER_PRESETS)
+    for name, shape in expected.items():
+        with torch.device("meta"):
+            tok = Tokenizer(small_config(name))
+        assert tok.latent_shape == shape, name
+
+
+def test_unknown_preset_lists_names():
+    with pytest.raises(ValueError, match=r"unknown tokenizer preset 'nope'.*debug.*emoji.*fashion.*paper"):
+        tokenizer_preset("nope")
+
+
+def _perturb_encoder(tok: Tokenizer) -> None:
+    g = torch.Generator().manual_seed(1)
+    with torch.no_grad():
+        for p in tok.param_groups()["encoder"]:
+            p.add_(0.05 * torch.randn(p.shape, generator=g))
+
+
+@pytest.mark.parametrize(("name", "pretrained"), [("debug", True), ("paper", False)])
+def test_save_load_round_trip_is_exact(tmp_path, name, pretrained):
+    cfg = small_config(name, pretrained=pretrained)
+    tok = Tokenizer(cfg).eval()
+    x = images(cfg, n=2 if name == "debug" else 1)
+    with torch.no_grad():
+        z_before = tok.encode(x)
+        _perturb_encoder(tok)  # stands in for stage 2 fine-tuning: the export must carry the encoder
+        z = tok.encode(x)
+        assert not torch.equal(z, z_before)
+        tok.set_latent_stats(z.mean(dim=(0, 2, 3)), z.std(dim=(0, 2, 3)))
+        recon = tok.decode(z)
+
+    tok.save_pretrained(tmp_path / "a")
+    assert sorted(p.name for p in (tmp_path / "a").iterdir()) == ["config.json", "model.safetensors"]
+    loaded = Tokenizer.from_pretrained(tmp_path / "a").eval()
+    assert loaded.config == cfg
+    with torch.no_grad():
+        assert torch.equal(loaded.encode(x), z)
+        assert torch.equal(loaded.decode(z), recon)
+    assert torch.equal(loaded.latent_mean, tok.latent_mean) and torch.equal(loaded.latent_std, tok.latent_std)
+    assert not torch.equal(loaded.latent_std, torch.ones_like(loaded.latent_std))
+
+    # The same weights and config give the same bytes, hence the same hash; other stats another hash.
+    loaded.save_pretrained(tmp_path / "b")
+    assert export_hash(tmp_path / "a") == export_hash(tmp_path / "b")
+    loaded.set_latent_stats(loaded.latent_mean + 1, loaded.latent_std)
+    loaded.save_pretrained(tmp_path / "b")
+    assert export_hash(tmp_path / "a") != export_hash(tmp_path / "b")
+
+
+def test_export_config_document(tmp_path):
+    tok = Tokenizer(small_config("debug"))
+    tok.save_pretrained(tmp_path, extra_meta={"stage": 3})
+    doc = json.loads((tmp_path / "config.json").read_text())
+    assert doc["kind"] == "tokenizer" and doc["latent_shape"] == [4, 4, 4]
+    assert doc["meta"]["stage"] == 3 and "aligntok_version" in doc["meta"]
+    assert doc["config"]["decoder"]["ch_mult"] == [1, 1, 2, 2]
+    state, doc2 = load_export(tmp_path)
+    assert doc2 == doc
+    assert set(state) == set(tok.state_dict())
+    assert {"latent_mean", "latent_std"} <= set(state)
+
+
+def test_generic_export_refuses_meta_key(tmp_path):
+    with pytest.raises(ValueError, match="'meta'"):
+        save_export(tmp_path, torch.nn.Linear(2, 2), {"kind": "x", "meta": {}})
+
+
+def _edit_weights(directory, edit) -> None:
+    path = directory / "model.safetensors"
+    state = load_file(str(path))
+    edit(state)
+    save_file(state, str(path))
+
+
+@pytest.mark.parametrize(
+    ("edit", "message"),
+    [
+        (lambda s: s.pop("decoder.conv_out.bias"), r"missing keys: decoder\.conv_out\.bias"),
+        (lambda s: s.update(extra=torch.zeros(1)), r"unexpected keys: extra"),
+        (lambda s: s.update(latent_mean=torch.zeros(5)), r"wrong shapes: latent_mean \(5,\) vs model \(4,\)"),
+    ],
+)
+def test_strict_load_refuses_mismatched_weights(tmp_path, edit, message):
+    Tokenizer(small_config("debug")).save_pretrained(tmp_path)
+    _edit_weights(tmp_path, edit)
+    with pytest.raises(ValueError, match=message) as info:
+        Tokenizer.from_pretrained(tmp_path)
+    assert str(tmp_path) in str(info.value)
+
+
+def test_bad_export_dirs_raise_clear_errors(tmp_path):
+    missing = tmp_path / "nope"
+    with pytest.raises(ValueError, match=r"nope: no such directory.*model\.safetensors \+ config\.json"):
+        Tokenizer.from_pretrained(missing)
+    Tokenizer(small_config("debug")).save_pretrained(tmp_path / "t")
+    (tmp_path / "t" / "config.json").write_text("{not json")
+    with pytest.raises(ValueError, match=r"config\.json: not valid JSON"):
+        Tokenizer.from_pretrained(tmp_path / "t")
+    (tmp_path / "t" / "config.json").write_text(json.dumps({"kind": "dit", "config": {}}))
+    with pytest.raises(ValueError, match=r"kind='dit', not 'tokenizer'"):
+        Tokenizer.from_pretrained(tmp_path / "t")
+    (tmp_path / "t" / "model.safetensors").write_bytes(b"garbage bytes")
+    with pytest.raises(ValueError, match=r"model\.safetensors: not a readable safetensors file"):
+        Tokenizer.from_pretrained(tmp_path / "t")
+    (tmp_path / "t" / "model.safetensors").unlink()
+    with pytest.raises(ValueError, match=r"model\.safetensors is missing"):
+        Tokenizer.from_pretrained(tmp_path / "t")
+
+
+def test_config_validation():
+    cfg = small_config("debug")
+    bad_dec = dataclasses.replace(cfg.decoder, ch_mult=(1, 2, 2))  # x4 from 4x4 gives 16 px, not 32
+    with pytest.raises(ValueError, match=r"4x4 grid at image_size=32.*x4 to 16 px.*use 4 decoder\.ch_mult"):
+        Tokenizer(dataclasses.replace(cfg, decoder=bad_dec))
+    with pytest.raises(ValueError, match=r"z_channels=8 must equal latent_channels=4"):
+        Tokenizer(apply_overrides(cfg, ["decoder.z_channels=8"]))
+    # One field at a time, as `--set` applies them, passes through an inconsistent config.
+    both = apply_overrides(cfg, ["decoder.z_channels=8", "latent_channels=8", "decoder.ch_mult=[1,2,2,2]"])
+    assert Tokenizer(both).latent_shape == (8, 4, 4)
+    with pytest.raises(ValueError, match=r"adapter_act='tanh'"):
+        dataclasses.replace(cfg, adapter_act="tanh")
+    with pytest.raises(ValueError, match=r"multiples of 32"):
+        DecoderConfig(z_channels=4, ch=48, ch_mult=(1,), num_res_blocks=1)
+    tok = Tokenizer(cfg)
+    with pytest.raises(ValueError, match=r"\(B, 3, 32, 32\).*got \(1, 3, 64, 64\)"):
+        tok.encode(torch.rand(1, 3, 64, 64))
+
+
+def test_normalize_standardises_and_inverts():
+    tok = Tokenizer(small_config("debug"))
+    g = torch.Generator().manual_seed(0)
+    scale, shift = torch.rand(4, generator=g) * 3 + 0.5, torch.randn(4, generator=g) * 2
+    z = torch.randn(64, 4, 4, 4, generator=g) * scale[:, None, None] + shift[:, None, None]
+    tok.set_latent_stats(z.mean(dim=(0, 2, 3)), z.std(dim=(0, 2, 3)))
+    n = tok.normalize(z)
+    torch.testing.assert_close(n.mean(dim=(0, 2, 3)), torch.zeros(4), atol=1e-5, rtol=0)
+    torch.testing.assert_close(n.std(dim=(0, 2, 3)), torch.ones(4), atol=1e-5, rtol=0)
+    torch.testing.assert_close(tok.denormalize(n), z, atol=1e-5, rtol=1e-5)
+    with pytest.raises(ValueError, match=r"shape \(4,\)"):
+        tok.set_latent_stats(torch.zeros(3), torch.ones(3))
+    with pytest.raises(ValueError, match="std > 0"):
+        tok.set_latent_stats(torch.zeros(4), torch.zeros(4))
+
+
+def test_gradients_and_param_groups():
+    tok = Tokenizer(small_config("debug")).train()
+    groups = tok.param_groups()
+    ids = [id(p) for g in groups.values() for p in g]
+    assert len(ids) == len(set(ids))  # disjoint
+    assert set(ids) <= {id(p) for p in tok.parameters()}
+    assert {id(p) for p in groups["adapter"]} == {id(p) for p in tok.adapter.parameters()}
+
+    tok.set_trainable(encoder=False, adapter=True, decoder=True)  # stage 1
+    recon, _ = tok(images(tok.config))
+    recon.square().mean().backward()
+    for part in ("adapter", "decoder"):
+        for p in groups[part]:
+            assert p.grad is not None and p.grad.abs().sum() > 0, part
+    assert all(p.grad is None for p in groups["encoder"])
+
+    tok.zero_grad(set_to_none=True)
+    tok.set_trainable(encoder=True, adapter=True, decoder=False)  # encoder gradients flow when unfrozen
+    z = tok.encode(images(tok.config))
+    z.square().mean().backward()
+    assert all(p.grad is not None for p in groups["encoder"])
+    assert all(p.grad is None for p in groups["decoder"])
+
+
+def test_decode_maps_to_unit_scale_without_clamping():
+    tok = Tokenizer(small_config("debug")).eval()
+    z = torch.randn(1, *tok.latent_shape)
+    with torch.no_grad():
+        tok.decoder.conv_out.bias.fill_(10.0)  # pushes the [-1, 1]-scale output far above 1
+        raw = tok.decoder(z)
+        recon = tok.decode(z)
+    torch.testing.assert_close(recon, (raw + 1) / 2)
+    assert recon.min() > 1.0  # a clamp would cut this to 1 and hide the error from the losses
