@@ -6,8 +6,6 @@ import json
 
 import numpy as np
 import pytest
-import torch
-from PIL import Image
 
 from aligntok.cli import main
 from aligntok.models.tokenizer import Tokenizer
@@ -86,14 +84,8 @@ def test_assets_list_shows_every_asset(capsys) -> None:
     assert all(name in out for name in ASSETS)
 
 
-def test_cache_train_sample_from_the_command_line(tmp_path, capsys) -> None:
-    torch.manual_seed(0)
-    tok = Tokenizer(tokenizer_preset("debug")).save_pretrained(tmp_path / "tok")
-    for cls in ("a", "b"):
-        (tmp_path / "img" / cls).mkdir(parents=True)
-        for i in range(4):
-            value = np.full((32, 32, 3), 40 * i + (0 if cls == "a" else 120), np.uint8)
-            Image.fromarray(value).save(tmp_path / "img" / cls / f"{i}.png")
+def test_cache_train_sample_from_the_command_line(tmp_path, capsys, image_folder, debug_tokenizer) -> None:
+    tok = debug_tokenizer
     main(
         [
             "latents",
@@ -101,7 +93,7 @@ def test_cache_train_sample_from_the_command_line(tmp_path, capsys) -> None:
             "--tokenizer",
             str(tok),
             "--data",
-            str(tmp_path / "img"),
+            str(image_folder),
             "--out",
             str(tmp_path / "lat"),
             "--flip",

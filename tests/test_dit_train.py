@@ -8,7 +8,6 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from PIL import Image
 
 from aligntok import flow
 from aligntok.config import apply_overrides
@@ -22,33 +21,13 @@ from aligntok.train.common import read_log
 from aligntok.train.dit import SpikeGuard, load_dit, train_dit
 
 
-def _folder(root: Path) -> Path:
-    """Two visually distinct classes of 32 px images: red squares and blue discs at random places."""
-    rng = np.random.default_rng(0)
-    for cls, color in (("red", (220, 30, 30)), ("blue", (30, 30, 220))):
-        (root / cls).mkdir(parents=True)
-        for i in range(6):
-            img = np.full((32, 32, 3), 255, np.uint8)
-            y, x = rng.integers(4, 20, size=2)
-            yy, xx = np.mgrid[:32, :32]
-            mask = (
-                (abs(yy - y - 6) < 6) & (abs(xx - x - 6) < 6)
-                if cls == "red"
-                else ((yy - y - 6) ** 2 + (xx - x - 6) ** 2 < 36)
-            )
-            img[mask] = color
-            Image.fromarray(img).save(root / cls / f"{i}.png")
-    return root
-
-
 @pytest.fixture(scope="module")
-def setup(tmp_path_factory) -> dict[str, Path]:
+def setup(tmp_path_factory, image_folder, debug_tokenizer) -> dict[str, Path]:
     root = tmp_path_factory.mktemp("dit")
-    torch.manual_seed(0)
-    tok_a = Tokenizer(tokenizer_preset("debug")).save_pretrained(root / "tok_a")
+    tok_a = debug_tokenizer
     torch.manual_seed(1)
     tok_b = Tokenizer(tokenizer_preset("debug")).save_pretrained(root / "tok_b")
-    data = _folder(root / "images")
+    data = image_folder
     cache = build_cache(tokenizer_dir=tok_a, data=str(data), out=root / "cache", flip=True, shard_size=5)
     return {"root": root, "tok_a": tok_a, "tok_b": tok_b, "data": data, "cache": cache}
 

@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
+import shutil
+from pathlib import Path
 
 import pytest
 import torch
@@ -10,6 +13,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from aligntok import assets
+from aligntok.config import from_dict, to_dict
 from aligntok.models.encoders import ENCODERS, EncoderConfig, build_encoder
 
 TINY = dict(
@@ -64,7 +68,7 @@ def _need(asset: str) -> None:
 def _vit(case: str, **kw) -> nn.Module:
     torch.manual_seed(0)
     name, hf, _, _ = VIT_CASES[case]
-    return build_encoder(EncoderConfig(name=name, hf_config=dict(hf), **kw))
+    return build_encoder(EncoderConfig(name=name, hf_config=dict(hf), pretrained=False, **kw))
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -86,13 +90,27 @@ def test_registry_and_unknown_name() -> None:
         (EncoderConfig(name="vgg16", block=6, pretrained=False), r"block 6 is out of range"),
         (EncoderConfig(path="/x", pretrained=False), r"built-in CNN: path, hf_config and layer"),
         (EncoderConfig(name="dinov2"), r"needs `path`.*or `hf_config`"),
-        (EncoderConfig(name="dinov2", hf_config=TINY, block=3), r"`layer`, not `block`"),
-        (EncoderConfig(name="dinov2", hf_config=TINY, layer=3), r"layer 3 is out of range for 2"),
+        # No silent random ViT: an architecture without weights must say so with pretrained=False.
         (
-            EncoderConfig(name="dinov2", hf_config=TINY, input_size=36),
+            EncoderConfig(name="dinov2", hf_config=TINY),
+            r"^encoder 'dinov2' has pretrained=True but no `path`.*offline.*"
+            r"--set encoder\.path=/local/transformers/folder.*--set encoder\.pretrained=false[^\n]*$",
+        ),
+        (EncoderConfig(name="dinov2", hf_config=TINY, block=3, pretrained=False), r"`layer`, not `block`"),
+        (
+            EncoderConfig(name="dinov2", hf_config=TINY, layer=3, pretrained=False),
+            r"layer 3 is out of range for 2",
+        ),
+        (
+            EncoderConfig(name="dinov2", hf_config=TINY, input_size=36, pretrained=False),
             r"not a multiple of the patch size 8; use 32",
         ),
-        (EncoderConfig(name="clip", hf_config={**TINY, "model_type": "dinov2"}), r"model_type 'dinov2'"),
+        (
+            EncoderConfig(name="clip", hf_config={**TINY, "model_type": "dinov2"}, pretrained=False),
+            r"model_type 'dinov2'",
+        ),
+        (EncoderConfig(mean=(0.5, 0.5), pretrained=False), r"mean/std need 3 values"),
+        (EncoderConfig(name="vgg16", std=(0.5, 0.0, 0.5), pretrained=False), r"std positive"),
     ],
 )
 def test_config_errors(cfg: EncoderConfig, match: str) -> None:
@@ -259,6 +277,7 @@ def _check_gradients(enc: nn.Module, x: torch.Tensor) -> None:
     enc.requires_grad_(True).train()
     enc.zero_grad(set_to_none=True)
     enc(x).square().mean().backward()
+    assert {id(p) for p in enc.feature_parameters()} == {id(p) for p in enc.parameters() if p.requires_grad}
     for name, p in enc.named_parameters():
         if p.requires_grad:
             assert p.grad is not None and p.grad.abs().sum() > 0, name
@@ -342,7 +361,11 @@ def test_vit_shapes_and_dropped_tokens(case: str) -> None:
         # hidden state 1 without the final norm: the first block's output, same token layout
         early = build_encoder(
             EncoderConfig(
-                name=VIT_CASES[case][0], hf_config=dict(VIT_CASES[case][1]), layer=1, final_norm=False
+                name=VIT_CASES[case][0],
+                hf_config=dict(VIT_CASES[case][1]),
+                layer=1,
+                final_norm=False,
+                pretrained=False,
             )
         )
         early.load_state_dict(enc.state_dict())
@@ -363,6 +386,30 @@ def test_vit_gradients_reach_every_used_parameter(case: str) -> None:
     assert any(".1." in n for n in frozen)  # the second transformer block does not feed layer 1
 
 
+# ---------------------------------------------------------------------------------------------------------
+# Normalisation overrides
+
+CUSTOM_NORM = ((0.3, 0.4, 0.5), (0.2, 0.25, 0.3))
+
+
+@pytest.mark.parametrize("case", ["efficientnet-lite0", "vgg16", *VIT_CASES])
+def test_mean_std_override_reaches_the_network(case: str) -> None:
+    def build(**kw) -> nn.Module:
+        if case in VIT_CASES:
+            return _vit(case, **kw)
+        return build_encoder(EncoderConfig(name=case, block=3, pretrained=False, **kw))
+
+    default, custom = build(), build(mean=CUSTOM_NORM[0], std=CUSTOM_NORM[1])
+    custom.load_state_dict(default.state_dict())
+    assert (custom.mean, custom.std) == CUSTOM_NORM and (default.mean, default.std) != CUSTOM_NORM
+    x = _images(2, 32)
+    assert _close(custom.prepare(x), _normalize(x, *CUSTOM_NORM))
+    # The image whose default normalisation equals x's custom one must give the same features.
+    m0, s0 = torch.tensor(default.mean).view(1, 3, 1, 1), torch.tensor(default.std).view(1, 3, 1, 1)
+    with torch.no_grad():
+        assert _close(custom(x), default(_normalize(x, *CUSTOM_NORM) * s0 + m0), tol=1e-4)
+
+
 @pytest.mark.parametrize("case", ["dinov2", "clip", "siglip", "mae"])
 def test_vit_position_interpolation(case: str) -> None:
     enc = _vit(case, input_size=48)
@@ -378,7 +425,7 @@ def test_siglip2_naflex_matches_its_image_processor_patches() -> None:
         "num_patches": 16,
     }
     torch.manual_seed(0)
-    enc = build_encoder(EncoderConfig(name="siglip", hf_config=hf))
+    enc = build_encoder(EncoderConfig(name="siglip", hf_config=hf, pretrained=False))
     assert enc.input_size == 32 and enc.grid(32) == 4
     x = _images(2, 32)
     xn = _normalize(x, (0.5,) * 3, (0.5,) * 3)
@@ -442,3 +489,87 @@ def test_load_vision_tower_from_full_clip_folder(tmp_path) -> None:
     with torch.no_grad():
         ref = full.vision_model(pixel_values=_normalize(x, mean, std)).last_hidden_state
         assert _close(enc(x), _as_grid(ref[:, 1:], 4))
+
+
+def test_bf16_folder_loads_in_the_default_dtype(tmp_path) -> None:
+    from transformers import Dinov2Config, Dinov2Model
+
+    torch.manual_seed(0)
+    Dinov2Model(Dinov2Config(**TINY)).to(torch.bfloat16).save_pretrained(tmp_path)
+    enc = build_encoder(EncoderConfig(name="dinov2", path=str(tmp_path)))
+    assert {p.dtype for p in enc.parameters()} == {torch.get_default_dtype()}
+    assert enc(_images(1, 32)).dtype == torch.get_default_dtype()
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Resolved (self-contained) configs
+
+# A checkpoint preprocessing that differs from every family default: mean/std and a 48 px crop.
+PREPROCESSOR = {"image_mean": [0.1, 0.2, 0.3], "image_std": [0.4, 0.5, 0.6], "crop_size": 48}
+
+
+def _save_vit_folder(folder: Path, case: str) -> tuple[str, str]:
+    """Save a tiny random transformers model of `case` into `folder` (+ PREPROCESSOR); return (encoder
+    name, the vision model type the resolved config must carry)."""
+    import transformers as T
+
+    torch.manual_seed(0)
+    hf = {**TINY, "image_size": 64}  # pretraining size 64, fed at 48: position tables are interpolated
+    if case == "dinov2-registers":
+        model = T.Dinov2WithRegistersModel(T.Dinov2WithRegistersConfig(**hf, num_register_tokens=2))
+        name, model_type = "dinov2", "dinov2_with_registers"
+    elif case == "clip-full":  # the dual encoder: the folder says "clip", the vision tower is loaded
+        text = dict(hidden_size=32, num_hidden_layers=1, num_attention_heads=2, intermediate_size=64)
+        model = T.CLIPModel(T.CLIPConfig(vision_config=hf, text_config={**text, "vocab_size": 99}))
+        name, model_type = "clip", "clip_vision_model"
+    elif case == "siglip":
+        model = T.SiglipVisionModel(T.SiglipVisionConfig(**hf))
+        name, model_type = "siglip", "siglip_vision_model"
+    else:
+        model = T.ViTMAEModel(T.ViTMAEConfig(**hf))
+        name, model_type = "mae", "vit_mae"
+    model.save_pretrained(folder)
+    (folder / "preprocessor_config.json").write_text(json.dumps(PREPROCESSOR))
+    return name, model_type
+
+
+@pytest.mark.parametrize("case", ["dinov2-registers", "clip-full", "siglip", "mae"])
+def test_resolved_config_rebuilds_a_folder_encoder_without_the_folder(tmp_path, case: str) -> None:
+    folder = tmp_path / "model"
+    name, model_type = _save_vit_folder(folder, case)
+    cfg = EncoderConfig(name=name, path=str(folder), layer=-1)
+    enc = build_encoder(cfg)
+    resolved = enc.resolved_config(cfg)
+    assert cfg.path == str(folder) and cfg.pretrained  # the given config is not changed
+    assert resolved.path is None and resolved.pretrained is False and resolved.layer == -1
+    assert resolved.input_size == 48 and resolved.hf_config is not None
+    assert resolved.mean == (0.1, 0.2, 0.3) and resolved.std == (0.4, 0.5, 0.6)
+    assert resolved.hf_config["model_type"] == model_type and resolved.hf_config["image_size"] == 64
+    assert not {"_name_or_path", "transformers_version", "dtype"} & set(resolved.hf_config)
+
+    shutil.rmtree(folder)
+    again = from_dict(EncoderConfig, json.loads(json.dumps(to_dict(resolved))))  # as an export stores it
+    rebuilt = build_encoder(again)
+    rebuilt.load_state_dict(enc.state_dict())  # strict: the same architecture
+    x = _images(2, 40)
+    with torch.no_grad():
+        assert torch.equal(rebuilt(x), enc(x))
+    assert rebuilt.resolved_config(again) == resolved  # a second export writes the same config
+
+
+def test_resolved_config_override_wins_over_the_preprocessor(tmp_path) -> None:
+    name, _ = _save_vit_folder(tmp_path, "dinov2-registers")
+    cfg = EncoderConfig(name=name, path=str(tmp_path), mean=CUSTOM_NORM[0], std=CUSTOM_NORM[1], input_size=32)
+    enc = build_encoder(cfg)
+    assert (enc.mean, enc.std, enc.input_size) == (*CUSTOM_NORM, 32)
+    resolved = enc.resolved_config(cfg)
+    assert (resolved.mean, resolved.std, resolved.input_size) == (*CUSTOM_NORM, 32)
+
+
+@pytest.mark.parametrize("name", ["efficientnet-lite0", "vgg16"])
+def test_cnn_resolved_config_only_drops_pretrained(name: str) -> None:
+    cfg = EncoderConfig(name=name, block=3, pretrained=False, input_size=48)
+    enc = build_encoder(cfg)
+    assert enc.resolved_config(cfg) == cfg
+    # The export carries the weights: the resolved config never asks for the asset.
+    assert enc.resolved_config(dataclasses.replace(cfg, pretrained=True)) == cfg

@@ -4,14 +4,17 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import shutil
 
 import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
+from aligntok import assets
 from aligntok.checkpoint import export_hash, load_export, save_export
 from aligntok.config import apply_overrides
 from aligntok.models.decoder import Decoder, DecoderConfig
+from aligntok.models.encoders import EncoderConfig
 from aligntok.models.tokenizer import Tokenizer, TokenizerConfig
 from aligntok.recipes.tokenizer import TOKENIZER_PRESETS, tokenizer_preset
 
@@ -27,7 +30,8 @@ TINY_DINOV2 = {
 
 
 def small_config(name: str, pretrained: bool = False) -> TokenizerConfig:
-    """The preset with a tiny random ViT for `paper` (and a narrow decoder of the same shape), else as is."""
+    """The preset with a tiny random ViT for `paper` (and a narrow decoder of the same shape), else as is;
+    `pretrained` applies to the CNN presets (the paper preset has no weights folder here)."""
     cfg = tokenizer_preset(name)
     enc = dataclasses.replace(cfg.encoder, pretrained=pretrained)
     if name == "paper":
@@ -75,6 +79,18 @@ def test_preset_latent_grids():
         assert tok.latent_shape == shape, name
 
 
+def test_paper_preset_without_weights_folder_names_both_fixes():
+    # No silent random ViT: the preset asks for DINOv2-L weights and there is no folder to read them from.
+    with pytest.raises(ValueError) as info:
+        Tokenizer(tokenizer_preset("paper"))
+    message = str(info.value)
+    assert "\n" not in message
+    assert "--set encoder.path=/local/transformers/folder" in message
+    assert "--set encoder.pretrained=false" in message
+    random_init = apply_overrides(tokenizer_preset("paper"), ["encoder.pretrained=false"])
+    assert random_init.encoder.hf_config == tokenizer_preset("paper").encoder.hf_config
+
+
 def test_unknown_preset_lists_names():
     with pytest.raises(ValueError, match=r"unknown tokenizer preset 'nope'.*debug.*emoji.*fashion.*paper"):
         tokenizer_preset("nope")
@@ -101,9 +117,12 @@ def test_save_load_round_trip_is_exact(tmp_path, name, pretrained):
         recon = tok.decode(z)
 
     tok.save_pretrained(tmp_path / "a")
+    assert tok.config == cfg  # saving does not touch the in-memory config
     assert sorted(p.name for p in (tmp_path / "a").iterdir()) == ["config.json", "model.safetensors"]
     loaded = Tokenizer.from_pretrained(tmp_path / "a").eval()
-    assert loaded.config == cfg
+    assert loaded.config == tok.export_config()
+    assert loaded.config.encoder.pretrained is False
+    assert dataclasses.replace(loaded.config, encoder=cfg.encoder) == cfg  # only the encoder is resolved
     with torch.no_grad():
         assert torch.equal(loaded.encode(x), z)
         assert torch.equal(loaded.decode(z), recon)
@@ -116,6 +135,78 @@ def test_save_load_round_trip_is_exact(tmp_path, name, pretrained):
     loaded.set_latent_stats(loaded.latent_mean + 1, loaded.latent_std)
     loaded.save_pretrained(tmp_path / "b")
     assert export_hash(tmp_path / "a") != export_hash(tmp_path / "b")
+
+
+def test_loading_reads_no_asset(tmp_path, monkeypatch):
+    if not assets.is_present("efficientnet-lite0"):
+        pytest.skip("asset efficientnet-lite0 not fetched; run `aligntok assets fetch efficientnet-lite0`")
+    cfg = small_config("debug", pretrained=True)
+    tok = Tokenizer(cfg).eval()
+    tok.save_pretrained(tmp_path / "t")
+    new = json.loads((tmp_path / "t" / "config.json").read_text())
+    assert new["config"]["encoder"]["pretrained"] is False
+    # An export written before exports were resolved said pretrained=True: it must load all the same.
+    old = json.loads(json.dumps(new))
+    old["config"]["encoder"]["pretrained"] = True
+    monkeypatch.setenv("ALIGNTOK_HOME", str(tmp_path / "empty-cache"))
+    assert not assets.is_present("efficientnet-lite0")
+    x = images(cfg)
+    for doc in (new, old):
+        (tmp_path / "t" / "config.json").write_text(json.dumps(doc))
+        loaded = Tokenizer.from_pretrained(tmp_path / "t").eval()
+        with torch.no_grad():
+            assert torch.equal(loaded.encode(x), tok.encode(x))
+
+
+# A checkpoint preprocessing unlike every family default: mean/std, and 32 px where the model was made at 64.
+PREPROCESSOR = {
+    "image_mean": [0.2, 0.3, 0.4],
+    "image_std": [0.3, 0.35, 0.4],
+    "size": {"height": 32, "width": 32},
+    "do_center_crop": False,
+}
+
+
+@pytest.mark.parametrize("family", ["dinov2", "clip"])
+def test_export_of_a_folder_encoder_is_self_contained(tmp_path, family):
+    import transformers as T
+
+    vit = dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64, patch_size=8)
+    torch.manual_seed(0)
+    if family == "dinov2":
+        model = T.Dinov2Model(T.Dinov2Config(**vit, image_size=64))
+    else:
+        model = T.CLIPVisionModel(T.CLIPVisionConfig(**vit, image_size=64))
+    folder = tmp_path / "weights"
+    model.save_pretrained(folder)
+    (folder / "preprocessor_config.json").write_text(json.dumps(PREPROCESSOR))
+    cfg = TokenizerConfig(
+        image_size=16,  # fed to the encoder at 32 px: a 4x4 grid, decoded x4
+        encoder=EncoderConfig(name=family, path=str(folder)),
+        adapter_hidden=16,
+        latent_channels=4,
+        decoder=DecoderConfig(z_channels=4, ch=32, ch_mult=(1, 1, 1), num_res_blocks=1),
+    )
+    tok = Tokenizer(cfg).eval()
+    assert tok.encoder.input_size == 32 and list(tok.encoder.mean) == PREPROCESSOR["image_mean"]
+    _perturb_encoder(tok)  # a stage-2 fine-tuned encoder: the export's weights, not the folder's, count
+    x = images(cfg)
+    with torch.no_grad():
+        z = tok.encode(x)
+        recon = tok.decode(z)
+    tok.save_pretrained(tmp_path / "a")
+    assert tok.config == cfg
+    shutil.rmtree(folder)
+
+    enc = json.loads((tmp_path / "a" / "config.json").read_text())["config"]["encoder"]
+    assert enc["path"] is None and enc["pretrained"] is False and enc["input_size"] == 32
+    assert enc["mean"] == PREPROCESSOR["image_mean"] and enc["std"] == PREPROCESSOR["image_std"]
+    loaded = Tokenizer.from_pretrained(tmp_path / "a").eval()
+    with torch.no_grad():
+        assert torch.equal(loaded.encode(x), z)
+        assert torch.equal(loaded.decode(z), recon)
+    loaded.save_pretrained(tmp_path / "b")  # the resolved config resolves to itself
+    assert export_hash(tmp_path / "a") == export_hash(tmp_path / "b")
 
 
 def test_export_config_document(tmp_path):
@@ -220,6 +311,11 @@ def test_gradients_and_param_groups():
     assert len(ids) == len(set(ids))  # disjoint
     assert set(ids) <= {id(p) for p in tok.parameters()}
     assert {id(p) for p in groups["adapter"]} == {id(p) for p in tok.adapter.parameters()}
+    # The encoder group is what the block-4 features use: block 4 in, the later blocks and head out.
+    names = {id(p): n for n, p in tok.encoder.named_parameters()}
+    in_group = {names[id(p)] for p in groups["encoder"]}
+    assert any(n.startswith("net._blocks.4.") for n in in_group)
+    assert not any(n.startswith(("net._blocks.5.", "net._conv_head", "net._fc")) for n in in_group)
 
     tok.set_trainable(encoder=False, adapter=True, decoder=True)  # stage 1
     recon, _ = tok(images(tok.config))

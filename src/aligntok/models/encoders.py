@@ -3,13 +3,16 @@
 Registry (`ENCODERS`): `efficientnet-lite0` (the offline default, a CNN), `vgg16` (the LPIPS trunk), and the
 ViT families of the paper, loaded through `transformers` from a local folder or built from a config:
 `dinov2` (with or without registers), `siglip` (SigLIP and SigLIP 2, fixed-size or NaFlex), `clip`, `mae`.
-Every encoder resizes its input to `input_size`, normalises it with its own mean/std, runs only the layers
-its feature map needs, and returns channels-first features; `grid(image_size)` says how large that map is.
+Every encoder resizes its input to `input_size`, normalises it with its own mean/std (or the config's), runs
+only the layers its feature map needs, and returns channels-first features; `grid(image_size)` says how large
+that map is. `resolved_config(cfg)` is the config that rebuilds the same architecture, preprocessing included,
+without any file but a tokenizer export (no weights folder, no asset).
 Measured dims and strides per block, and why the presets feed images at the sizes they do: docs/encoders.md.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 from collections.abc import Callable, Iterable
@@ -36,28 +39,34 @@ HALF = (0.5, 0.5, 0.5)
 class EncoderConfig:
     """Which foundation encoder, which of its layers, and at which input size.
 
-    `path` (a local transformers folder) wins over `hf_config` (an architecture only, randomly
-    initialised), so a preset can carry the architecture and `--set encoder.path=...` brings real weights.
+    `path` (a local transformers folder) wins over `hf_config` (an architecture only), so a preset can carry
+    the architecture and `--set encoder.path=...` brings real weights. A ViT with `hf_config` alone has no
+    weights, so it needs `pretrained=False` (random init) and is never randomly initialised by accident.
     """
 
     name: str = "efficientnet-lite0"  # efficientnet-lite0 | vgg16 | dinov2 | siglip | clip | mae
     block: int | None = None  # EfficientNet block (0..15) / VGG stage (1..5) giving the map; None = default
     input_size: int | None = None  # images are resized (bilinear, antialias) to this square size; None = keep
+    # RGB normalisation (x - mean) / std; None = the encoder's own (TF-Lite scaling, LPIPS, the folder's
+    # preprocessor_config.json, else the ViT family's)
+    mean: tuple[float, float, float] | None = None
+    std: tuple[float, float, float] | None = None
     path: str | None = None  # local folder of a transformers model (config.json + weights)
-    hf_config: dict | None = None  # or: a transformers config as a dict (random init), tests / from scratch
+    hf_config: dict | None = None  # or: a transformers config as a dict (architecture only)
     layer: int | None = None  # transformers hidden_states index (0 = embeddings); None = last
     final_norm: bool = True  # apply the ViT's final layernorm to the chosen layer's tokens
-    pretrained: bool = True  # False: random init (tests; or weights that come from a tokenizer export)
+    pretrained: bool = True  # False: random init (tests, from scratch; or weights from a tokenizer export)
 
 
 class Encoder(nn.Module):
     """Base class: resize to `input_size`, normalise with `mean`/`std`, run the network (`_run`).
 
-    Subclasses set `dim` (feature channels) and `stride` (network-input pixels per feature cell) and implement
-    `_run` and `_grid`. BatchNorm layers stay in eval mode under `train()`: stage 2 fine-tunes the weights but
-    its small batches must not rewrite the pretrained statistics. Modules or parameters listed in
-    `_unused` take no part in `features()`; they stay frozen even under `requires_grad_(True)`, so that a
-    fine-tuning wrapper (DDP) never waits for gradients that cannot come.
+    Subclasses set `dim` (feature channels) and `stride` (network-input pixels per feature cell), implement
+    `_run` and `_grid`, and pass the config's `mean`/`std` where it sets them. BatchNorm layers stay in eval
+    mode under `train()`: stage 2 fine-tunes the weights but its small batches must not rewrite the
+    pretrained statistics. Modules or parameters listed in `_unused` take no part in `features()`; they stay
+    frozen even under `requires_grad_(True)`, so that a fine-tuning wrapper (DDP) never waits for gradients
+    that cannot come (`feature_parameters()` lists the others).
     """
 
     dim: int
@@ -77,10 +86,12 @@ class Encoder(nn.Module):
         if input_size is not None and input_size < 1:
             raise ValueError(f"encoder input_size must be a positive number of pixels, got {input_size}")
         self.input_size = input_size
-        self.mean = tuple(float(v) for v in mean)  # type: ignore[assignment]
-        self.std = tuple(float(v) for v in std)  # type: ignore[assignment]
-        if len(self.mean) != 3 or len(self.std) != 3:
-            raise ValueError(f"encoder mean/std need 3 values (RGB), got {self.mean} and {self.std}")
+        m, s = [float(v) for v in mean], [float(v) for v in std]
+        if len(m) != 3 or len(s) != 3:
+            raise ValueError(f"encoder mean/std need 3 values (RGB), got {m} and {s}")
+        if not all(math.isfinite(v) for v in m) or not all(math.isfinite(v) and v > 0 for v in s):
+            raise ValueError(f"encoder mean must be finite and std positive, got mean {m} and std {s}")
+        self.mean, self.std = (m[0], m[1], m[2]), (s[0], s[1], s[2])
         # Non-persistent: normalisation is configuration, not a weight, and must not enter exports.
         self.register_buffer("_mean", torch.tensor(self.mean).view(1, 3, 1, 1), persistent=False)
         self.register_buffer("_std", torch.tensor(self.std).view(1, 3, 1, 1), persistent=False)
@@ -94,6 +105,19 @@ class Encoder(nn.Module):
             self._unused.extend(params)
         for p in self._unused:
             p.requires_grad_(False)
+
+    def feature_parameters(self) -> list[nn.Parameter]:
+        """The parameters `features()` depends on, i.e. what stage 2 fine-tunes (unused ones left out)."""
+        unused = {id(p) for p in self._unused}
+        return [p for p in self.parameters() if id(p) not in unused]
+
+    def resolved_config(self, cfg: EncoderConfig) -> EncoderConfig:
+        """`cfg` (the config this encoder was built from) made self-contained for a tokenizer export.
+
+        The export carries every weight, so the result has `pretrained=False`: rebuilding from it reads no
+        asset. The CNNs need nothing more; ViTs override this to drop `path` (see `HFViTEncoder`).
+        """
+        return dataclasses.replace(cfg, pretrained=False)
 
     def requires_grad_(self, requires_grad: bool = True) -> Encoder:
         super().requires_grad_(requires_grad)
@@ -144,6 +168,14 @@ class Encoder(nn.Module):
 # CNNs: EfficientNet-Lite0 and VGG16
 
 
+def _norm(cfg: EncoderConfig, mean: Iterable[float], std: Iterable[float]) -> dict[str, Iterable[float]]:
+    """The config's mean/std where set, else the encoder's own (`mean`, `std`)."""
+    return {
+        "mean": mean if cfg.mean is None else cfg.mean,
+        "std": std if cfg.std is None else cfg.std,
+    }
+
+
 def _check_cnn_config(cfg: EncoderConfig, valid_blocks: range, default: int) -> int:
     if cfg.path is not None or cfg.hf_config is not None or cfg.layer is not None:
         raise ValueError(
@@ -175,7 +207,8 @@ class EfficientNetLiteEncoder(Encoder):
         from efficientnet_lite_pytorch import EfficientNet
 
         block = _check_cnn_config(cfg, range(self.NUM_BLOCKS), self.DEFAULT_BLOCK)
-        super().__init__(input_size=cfg.input_size, mean=EFFICIENTNET_LITE_MEAN, std=EFFICIENTNET_LITE_STD)
+        norm = _norm(cfg, EFFICIENTNET_LITE_MEAN, EFFICIENTNET_LITE_STD)
+        super().__init__(input_size=cfg.input_size, **norm)
         self.block = block
         self.net = EfficientNet.from_name("efficientnet-lite0", image_size=None)
         if cfg.pretrained:
@@ -230,7 +263,7 @@ class VGG16Encoder(Encoder):
         from aligntok.models.lpips import VGG_MEAN, VGG_STD, VGG16Features, load_vgg16_trunk
 
         block = _check_cnn_config(cfg, range(1, 6), self.DEFAULT_BLOCK)
-        super().__init__(input_size=cfg.input_size, mean=VGG_MEAN, std=VGG_STD)
+        super().__init__(input_size=cfg.input_size, **_norm(cfg, VGG_MEAN, VGG_STD))
         self.block = block
         self.trunk = load_vgg16_trunk() if cfg.pretrained else VGG16Features()
         self.dim = VGG16Features.CHANNELS[self.block - 1]
@@ -281,6 +314,12 @@ _FAMILIES = {
     ),
     "mae": _Family(model_types=("vit_mae",), default_type="vit_mae", mean=IMAGENET_MEAN, std=IMAGENET_STD),
 }
+
+
+# transformers config keys that record where and how a checkpoint was stored, not what the network is.
+_CONFIG_BOOKKEEPING = frozenset(
+    {"_name_or_path", "architectures", "transformers_version", "dtype", "torch_dtype", "id2label", "label2id"}
+)
 
 
 def _vision_model_class(model_type: str) -> type[nn.Module]:
@@ -378,13 +417,17 @@ def _from_pretrained_quietly(cls: type, folder: Path) -> tuple[nn.Module, list[s
 
     Full dual-encoder checkpoints (CLIP, SigLIP) also hold a text tower that the vision model drops by
     design; transformers' warning-level load report about it is silenced, and missing keys are returned.
+    The weights are cast to torch's default dtype: transformers would otherwise keep a bf16 checkpoint in
+    bf16, unlike the adapter after it (reduced precision is the autocast flag's job).
     """
     from transformers.utils import logging as hf_logging
 
     level = hf_logging.get_verbosity()
     hf_logging.set_verbosity_error()
     try:
-        model, info = cls.from_pretrained(str(folder), local_files_only=True, output_loading_info=True)
+        model, info = cls.from_pretrained(
+            str(folder), local_files_only=True, output_loading_info=True, dtype=torch.get_default_dtype()
+        )
     finally:
         hf_logging.set_verbosity(level)
     return model, list(info.get("missing_keys", []))
@@ -406,7 +449,8 @@ class HFViTEncoder(Encoder):
     `post_layernorm`, which CLIP itself applies only to its pooled CLS token). MAE runs with mask_ratio 0
     and the identity token order (its embeddings shuffle tokens even when nothing is masked). The input
     is resized to `input_size` (default: the checkpoint's own preprocessing size, else the config's
-    image_size), which must be a multiple of the patch size; position embeddings are interpolated when it
+    image_size) and normalised with the config's mean/std (default: the checkpoint's preprocessor, else the
+    family's); `input_size` must be a multiple of the patch size; position embeddings are interpolated when it
     differs from the pretraining size (DINOv2 always interpolates).
     """
 
@@ -420,6 +464,12 @@ class HFViTEncoder(Encoder):
             raise ValueError(
                 f"encoder {cfg.name!r} needs `path` (a local transformers folder with config.json and "
                 "weights; aligntok cannot fetch ViT weights offline) or `hf_config` (random init)"
+            )
+        if cfg.path is None and cfg.pretrained:
+            raise ValueError(
+                f"encoder {cfg.name!r} has pretrained=True but no `path`, and ViT weights cannot be fetched "
+                "offline here: pass --set encoder.path=/local/transformers/folder (config.json + weights), "
+                "or --set encoder.pretrained=false for a random init of hf_config"
             )
         model, preprocessor = _load_vit(cfg, family)
         config = model.config
@@ -438,7 +488,7 @@ class HFViTEncoder(Encoder):
             )
         mean = preprocessor.get("image_mean", family.mean)
         std = preprocessor.get("image_std", family.std)
-        super().__init__(input_size=input_size, mean=mean, std=std)
+        super().__init__(input_size=input_size, **_norm(cfg, mean, std))
         self.model = model
         self.model_type = model_type
         self.patch = patch
@@ -472,6 +522,27 @@ class HFViTEncoder(Encoder):
                 # DINOv2's mask token serves masked-image pretraining only
                 getattr(getattr(model, "embeddings", None), "mask_token", None),
             ]
+        )
+
+    def resolved_config(self, cfg: EncoderConfig) -> EncoderConfig:
+        """`cfg` with everything the weights folder decided written out: `path=None`, `pretrained=False`,
+        `hf_config` = the loaded vision model's config, and the resolved `input_size`, `mean` and `std`.
+
+        The model type written is the vision tower's (e.g. clip_vision_model for a full CLIP folder), which
+        the family accepts as `hf_config`. Provenance and storage-dtype keys are left out: they do not
+        describe the architecture, and the dtype would differ between two exports of the same model.
+        """
+        assert self.model_type in _FAMILIES[cfg.name].model_types, (cfg.name, self.model_type)
+        config = json.loads(self.model.config.to_json_string(use_diff=False))
+        hf_config = {k: v for k, v in sorted(config.items()) if k not in _CONFIG_BOOKKEEPING}
+        return dataclasses.replace(
+            cfg,
+            path=None,
+            pretrained=False,
+            hf_config=hf_config,
+            input_size=self.input_size,
+            mean=self.mean,
+            std=self.std,
         )
 
     def _run(self, x: Tensor) -> Tensor:

@@ -105,9 +105,8 @@ class Tokenizer(nn.Module):
         The encoder group leaves out the parameters its features never use (later blocks, heads): they
         must stay frozen, or a DDP wrapper would wait for gradients that never come.
         """
-        unused = {id(p) for p in getattr(self.encoder, "_unused", ())}
         return {
-            "encoder": [p for p in self.encoder.parameters() if id(p) not in unused],
+            "encoder": self.encoder.feature_parameters(),
             "adapter": list(self.adapter.parameters()),
             "decoder": list(self.decoder.parameters()),
         }
@@ -171,18 +170,33 @@ class Tokenizer(nn.Module):
         mean, std = self.latent_mean.to(z.dtype), self.latent_std.to(z.dtype)
         return z * std[:, None, None] + mean[:, None, None]
 
+    def export_config(self) -> TokenizerConfig:
+        """The config an export records: `self.config` with the encoder's resolved, self-contained config
+        (no weights folder, `pretrained=False`; `Encoder.resolved_config`), so that the export alone
+        rebuilds this tokenizer. `self.config` itself is left as given."""
+        return dataclasses.replace(self.config, encoder=self.encoder.resolved_config(self.config.encoder))
+
     def save_pretrained(self, directory: str | Path, extra_meta: dict[str, Any] | None = None) -> Path:
-        """Write model.safetensors (all weights, latent stats included) + config.json to `directory`."""
+        """Write model.safetensors (all weights, latent stats included) + config.json to `directory`.
+
+        The export is self-contained: config.json holds `export_config()`, so loading it needs neither the
+        encoder's weights folder nor the offline assets.
+        """
         document = {
             "kind": "tokenizer",
-            "config": to_dict(self.config),
+            "config": to_dict(self.export_config()),
             "latent_shape": list(self.latent_shape),
         }
         return save_export(directory, self, document, extra_meta)
 
     @classmethod
     def from_pretrained(cls, directory: str | Path, map_location: str | torch.device = "cpu") -> Tokenizer:
-        """Rebuild from a `save_pretrained` directory; all weights (fine-tuned encoder too) come from it."""
+        """Rebuild from a `save_pretrained` directory; all weights (fine-tuned encoder too) come from it.
+
+        The model is built with `encoder.pretrained=False` (also for exports written before exports were
+        self-contained), so loading never reads an asset or a pretrained weights file; `config` is the
+        export's.
+        """
         state, document = load_export(directory)
         if document.get("kind") != "tokenizer":
             raise ValueError(
@@ -195,11 +209,10 @@ class Tokenizer(nn.Module):
             raise ValueError(
                 f"{directory}: config.json does not hold a valid tokenizer config ({e})"
             ) from None
-        # The export holds every encoder weight, so skip loading the pretrained ones first.
+        cfg = dataclasses.replace(cfg, encoder=dataclasses.replace(cfg.encoder, pretrained=False))
         try:
-            model = cls(dataclasses.replace(cfg, encoder=dataclasses.replace(cfg.encoder, pretrained=False)))
+            model = cls(cfg)
         except ValueError as e:
             raise ValueError(f"{directory}: cannot rebuild the exported tokenizer: {e}") from None
-        model.config = cfg
         load_state_strict(model, state, directory)
         return model.to(map_location)

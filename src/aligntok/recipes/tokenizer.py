@@ -12,9 +12,11 @@ from aligntok.models.decoder import DecoderConfig
 from aligntok.models.encoders import EncoderConfig
 from aligntok.models.tokenizer import TokenizerConfig
 
-# Architecture of DINOv2 ViT-L/14 as a `transformers` Dinov2Config, so that the paper tokenizer builds
-# (randomly initialised) without its weights; real runs point `encoder.path` at a local copy. The
-# position table is the released one (518 px = 37x37 patches); at 224 px input it is interpolated to 16x16.
+# Architecture of DINOv2 ViT-L/14 as a `transformers` Dinov2Config. The preset asks for pretrained weights
+# but names no folder (they cannot be fetched offline here), so building it as is fails with a message
+# naming both fixes: `--set encoder.path=/local/dinov2-large` for real runs, or
+# `--set encoder.pretrained=false` for this architecture randomly initialised. The position table is the
+# released one (518 px = 37x37 patches); at 224 px input it is interpolated to 16x16.
 DINOV2_LARGE = {
     "model_type": "dinov2",
     "hidden_size": 1024,
@@ -32,7 +34,7 @@ def paper() -> TokenizerConfig:
     """PAPER.md: DINOv2-L/14 at 224 px -> 16x16 tokens, adapter 1024 -> 512 -> 32, VA-VAE f16d32 decoder."""
     return TokenizerConfig(
         image_size=256,
-        encoder=EncoderConfig(name="dinov2", input_size=224, hf_config=dict(DINOV2_LARGE)),
+        encoder=EncoderConfig(name="dinov2", input_size=224, hf_config=dict(DINOV2_LARGE), pretrained=True),
         # UNKNOWN in the paper: a hidden width between the 1024-d tokens and the 32-d latent.
         adapter_hidden=512,
         latent_channels=32,

@@ -57,6 +57,36 @@ def lr_factor(step: int, *, warmup: int, total: int, schedule: str) -> float:
     raise ValueError(f"unknown lr schedule {schedule!r}; use 'constant' or 'cosine'")
 
 
+def batch_indices(step: int, *, n: int, batch: int, seed: int, rank: int = 0, world: int = 1) -> torch.Tensor:
+    """This rank's slice of the global batch at `step`, a pure function of the step (exact resume).
+
+    Each epoch is a fresh permutation seeded by (seed, epoch); the last incomplete batch is dropped.
+    """
+    per_epoch = n // batch
+    if per_epoch == 0:
+        raise ValueError(f"batch_size {batch} exceeds the {n} training items; lower --set batch_size")
+    epoch, pos = divmod(step, per_epoch)
+    perm = torch.randperm(n, generator=torch.Generator().manual_seed(seed * 100_003 + epoch))
+    return perm[pos * batch : (pos + 1) * batch].chunk(world)[rank]
+
+
+class StepBatchSampler(torch.utils.data.Sampler[list[int]]):
+    """Batches for steps [start, stop) from `batch_indices`, for a DataLoader(batch_sampler=...)."""
+
+    def __init__(
+        self, *, n: int, batch: int, seed: int, start: int, stop: int, rank: int = 0, world: int = 1
+    ):
+        self.kw = {"n": n, "batch": batch, "seed": seed, "rank": rank, "world": world}
+        self.start, self.stop = start, stop
+
+    def __iter__(self):
+        for step in range(self.start, self.stop):
+            yield batch_indices(step, **self.kw).tolist()
+
+    def __len__(self) -> int:
+        return max(0, self.stop - self.start)
+
+
 def seed_everything(seed: int) -> None:
     """Identical parameter init on every rank; per-rank streams come from explicit generators."""
     random.seed(seed)

@@ -23,6 +23,7 @@ from aligntok.models.dit import DiT, DiTConfig
 from aligntok.train.common import (
     EMA,
     JsonlLog,
+    batch_indices,
     lr_factor,
     progress,
     rng_state,
@@ -93,17 +94,6 @@ class SpikeGuard:
         self.mean, self.skips, self.total_skips = s["mean"], s["skips"], s["total_skips"]
 
 
-def _batch_indices(step: int, *, n: int, batch: int, seed: int, rank: int, world: int) -> torch.Tensor:
-    """This rank's slice of the global batch at `step`: a pure function of the step (exact resume)."""
-    per_epoch = n // batch
-    if per_epoch == 0:
-        raise ValueError(f"batch_size {batch} exceeds the {n} cached latents; lower --set batch_size")
-    epoch, pos = divmod(step, per_epoch)
-    perm = torch.randperm(n, generator=torch.Generator().manual_seed(seed * 100_003 + epoch))
-    global_idx = perm[pos * batch : (pos + 1) * batch]
-    return global_idx.chunk(world)[rank]
-
-
 def train_dit(cfg: DiTTrainConfig, *, latents: str | Path, out: str | Path, resume: bool = False) -> Path:
     """Train a DiT on a latent cache; returns the export directory."""
     out = Path(out)
@@ -147,7 +137,7 @@ def train_dit(cfg: DiTTrainConfig, *, latents: str | Path, out: str | Path, resu
     model.train()
     t0, seen = time.time(), 0
     while step < cfg.steps:
-        idx = _batch_indices(
+        idx = batch_indices(
             step, n=len(data), batch=cfg.batch_size, seed=cfg.seed, rank=world.rank, world=world.world_size
         )
         z0 = data[idx].to(device)

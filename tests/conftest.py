@@ -1,0 +1,44 @@
+"""Shared fixtures: tiny image folders and a debug tokenizer export, made in temporary directories."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+
+def make_image_folder(root: Path, *, per_class: int = 6, size: int = 32, seed: int = 0) -> Path:
+    """Two visually distinct classes: red squares and blue discs at random places on white."""
+    rng = np.random.default_rng(seed)
+    yy, xx = np.mgrid[:size, :size]
+    for cls, color in (("blue", (30, 30, 220)), ("red", (220, 30, 30))):
+        (root / cls).mkdir(parents=True)
+        for i in range(per_class):
+            img = np.full((size, size, 3), 255, np.uint8)
+            y, x = rng.integers(size // 8, size - size // 8 - size // 3, size=2)
+            r = size // 6
+            if cls == "red":
+                mask = (abs(yy - y - r) < r) & (abs(xx - x - r) < r)
+            else:
+                mask = (yy - y - r) ** 2 + (xx - x - r) ** 2 < r * r
+            img[mask] = color
+            Image.fromarray(img).save(root / cls / f"{i}.png")
+    return root
+
+
+@pytest.fixture(scope="session")
+def image_folder(tmp_path_factory) -> Path:
+    return make_image_folder(tmp_path_factory.mktemp("images") / "shapes")
+
+
+@pytest.fixture(scope="session")
+def debug_tokenizer(tmp_path_factory) -> Path:
+    """A debug-preset tokenizer export (pretrained EfficientNet-Lite0 block, random adapter/decoder)."""
+    from aligntok.models.tokenizer import Tokenizer
+    from aligntok.recipes.tokenizer import tokenizer_preset
+
+    torch.manual_seed(0)
+    return Tokenizer(tokenizer_preset("debug")).save_pretrained(tmp_path_factory.mktemp("tok") / "export")
