@@ -18,6 +18,7 @@ $(STAMP): pyproject.toml
 
 setup: $(STAMP)
 	$(BIN)/aligntok assets fetch all
+	$(BIN)/aligntok data fetch emoji fashion-mnist
 
 demo: setup
 	$(BIN)/aligntok demo

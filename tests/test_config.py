@@ -42,6 +42,20 @@ def test_bad_overrides_name_the_problem(override: str, message: str) -> None:
         apply_overrides(Outer(), [override])
 
 
+@dataclass(kw_only=True)
+class WithSections:
+    stages: tuple[Inner, ...] = (Inner(), Inner(lr=2.0))
+
+
+def test_sequence_of_sections_by_index() -> None:
+    cfg = apply_overrides(WithSections(), ["stages.1.lr=3.0", "stages.0.name=a"])
+    assert cfg.stages[1].lr == 3.0 and cfg.stages[0].name == "a" and isinstance(cfg.stages, tuple)
+    with pytest.raises(ValueError, match="not an index"):
+        apply_overrides(WithSections(), ["stages.2.lr=1"])
+    with pytest.raises(ValueError, match="set a field of item"):
+        apply_overrides(WithSections(), ["stages.0=1"])
+
+
 def test_json_round_trip(tmp_path) -> None:
     cfg = apply_overrides(Outer(), ["inner.betas=[0.5,0.6]", "steps=3"])
     save_json(cfg, tmp_path / "c.json")

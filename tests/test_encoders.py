@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import shutil
 from pathlib import Path
 
@@ -14,7 +15,8 @@ from torch import nn
 
 from aligntok import assets
 from aligntok.config import from_dict, to_dict
-from aligntok.models.encoders import ENCODERS, EncoderConfig, build_encoder
+from aligntok.models.decoder import AttnBlock
+from aligntok.models.encoders import CNN_ARCH_DEFAULTS, ENCODERS, EncoderConfig, build_encoder
 
 TINY = dict(
     hidden_size=32,
@@ -76,7 +78,7 @@ def _vit(case: str, **kw) -> nn.Module:
 
 
 def test_registry_and_unknown_name() -> None:
-    assert set(ENCODERS) == {"efficientnet-lite0", "vgg16", "dinov2", "siglip", "clip", "mae"}
+    assert set(ENCODERS) == {"efficientnet-lite0", "vgg16", "dinov2", "siglip", "clip", "mae", "cnn"}
     with pytest.raises(ValueError, match=r"unknown encoder 'resnet'.*efficientnet-lite0.*mae"):
         build_encoder(EncoderConfig(name="resnet"))
 
@@ -573,3 +575,71 @@ def test_cnn_resolved_config_only_drops_pretrained(name: str) -> None:
     assert enc.resolved_config(cfg) == cfg
     # The export carries the weights: the resolved config never asks for the asset.
     assert enc.resolved_config(dataclasses.replace(cfg, pretrained=True)) == cfg
+
+
+# ---------------------------------------------------------------------------------------------------------
+# CNN trained from scratch (the VAE baselines' encoder)
+
+CNN_ARCH = {"ch": 32, "ch_mult": [1, 2, 2], "num_res_blocks": 2, "attn_resolutions": [8], "out_dim": 24}
+
+
+def _cnn(**kw) -> nn.Module:
+    torch.manual_seed(0)
+    return build_encoder(EncoderConfig(name="cnn", pretrained=False, **{"arch": dict(CNN_ARCH), **kw}))
+
+
+def test_cnn_encoder_shapes_stride_and_attention() -> None:
+    enc = _cnn(input_size=16)  # levels at 16, 8, 4 px: attention at the middle one only
+    assert (enc.dim, enc.stride, enc.grid(16), enc.grid(40)) == (24, 4, 4, 4)
+    feats = enc.features(_images(2, 16))
+    assert feats.shape == (2, 24, 4, 4) and torch.isfinite(feats).all()
+    attn_levels = [sum(isinstance(m, AttnBlock) for m in level.modules()) for level in enc.down]
+    assert attn_levels == [0, 2, 0]  # after each of the 2 res blocks of the 8 px level (LDM), + 1 in mid
+    assert sum(isinstance(m, AttnBlock) for m in enc.mid) == 1
+    # [0, 1] -> [-1, 1] by default
+    assert enc.mean == (0.5,) * 3 and enc.std == (0.5,) * 3
+    torch.testing.assert_close(enc.prepare(torch.zeros(1, 3, 16, 16)), -torch.ones(1, 3, 16, 16))
+    # Without attention the network is fully convolutional; strided convs give ceil(n / 2).
+    free = _cnn(arch={**CNN_ARCH, "attn_resolutions": []})
+    for size in (16, 18, 21):
+        assert free.features(_images(1, size)).shape[-1] == free.grid(size) == math.ceil(size / 4)
+
+
+def test_cnn_encoder_gradients_reach_every_parameter() -> None:
+    enc = _cnn(input_size=16)
+    _check_gradients(enc, _images(2, 16))
+    assert all(p.requires_grad for p in enc.parameters())
+
+
+def test_cnn_encoder_config_errors() -> None:
+    with pytest.raises(
+        ValueError, match=r"trained from scratch and has no pretrained weights.*pretrained=false"
+    ):
+        build_encoder(EncoderConfig(name="cnn", arch=dict(CNN_ARCH), input_size=16))
+    cases = [
+        (dict(block=3), r"remove block"),
+        (dict(input_size=None), r"depend on the input size; set encoder\.input_size"),
+        (dict(input_size=64), r"match none of the level sizes \[64, 32, 16\]"),
+        (dict(arch={**CNN_ARCH, "ch": 48}), r"widths \[48\] \(ch \* ch_mult\) must be multiples of 32"),
+        (dict(arch={**CNN_ARCH, "depth": 3}), r"keys among"),
+        (dict(arch={**CNN_ARCH, "ch_mult": []}), r"non-empty ch_mult"),
+        (dict(arch={**CNN_ARCH, "out_dim": 0}), r"positive ints"),
+    ]
+    for kw, match in cases:
+        with pytest.raises(ValueError, match=match):
+            _cnn(**{"input_size": 16, **kw})
+    with pytest.raises(ValueError, match=r"'vgg16': `arch` applies to the from-scratch 'cnn' encoder only"):
+        build_encoder(EncoderConfig(name="vgg16", arch=dict(CNN_ARCH), pretrained=False))
+
+
+def test_cnn_resolved_config_writes_out_the_architecture() -> None:
+    cfg = EncoderConfig(name="cnn", arch={"ch": 32, "ch_mult": (1, 1)}, pretrained=False)
+    enc = build_encoder(cfg)
+    resolved = enc.resolved_config(cfg)
+    assert resolved.arch == {**CNN_ARCH_DEFAULTS, "ch": 32, "ch_mult": [1, 1]}
+    assert dataclasses.replace(resolved, arch=cfg.arch) == cfg
+    # A JSON round trip of the resolved config rebuilds the same network, which resolves to itself.
+    again = from_dict(EncoderConfig, json.loads(json.dumps(to_dict(resolved))))
+    assert again == resolved and build_encoder(again).resolved_config(again) == resolved
+    full = EncoderConfig(name="cnn", arch=dict(CNN_ARCH), input_size=16, pretrained=False)
+    assert build_encoder(full).resolved_config(full) == full

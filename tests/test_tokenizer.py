@@ -342,3 +342,79 @@ def test_decode_maps_to_unit_scale_without_clamping():
         recon = tok.decode(z)
     torch.testing.assert_close(recon, (raw + 1) / 2)
     assert recon.min() > 1.0  # a clamp would cut this to 1 and hide the error from the losses
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Gaussian posterior (the VAE baselines), here on the from-scratch CNN encoder they use
+
+
+def gaussian_config() -> TokenizerConfig:
+    """Debug decoder; a 3-level CNN encoder (stride 8: a 4x4 grid at 32 px) with a Gaussian posterior."""
+    arch = {"ch": 32, "ch_mult": [1, 1, 1, 1], "num_res_blocks": 1, "attn_resolutions": [4], "out_dim": 32}
+    encoder = EncoderConfig(name="cnn", arch=arch, input_size=32, pretrained=False)
+    return dataclasses.replace(small_config("debug"), encoder=encoder, posterior="gaussian")
+
+
+def test_gaussian_posterior_encode_is_the_mean():
+    torch.manual_seed(0)
+    cfg = gaussian_config()
+    tok = Tokenizer(cfg).eval()
+    C = cfg.latent_channels
+    assert tok.adapter.fc2.out_features == 2 * C and tok.latent_shape == (C, 4, 4)
+    x = images(cfg)
+    with torch.no_grad():
+        mean, logvar = tok.encode_posterior(x)
+        raw = tok.adapter(tok.encoder.features(x))  # (B, 2C, h, w): mean channels first, then logvar
+        assert mean.shape == logvar.shape == (2, C, 4, 4)
+        assert torch.equal(tok.encode(x), mean) and torch.equal(mean, raw[:, :C])
+        assert torch.equal(logvar, raw[:, C:]) and not torch.equal(mean, logvar)
+        tok.adapter.fc2.bias[C:] += 1e3  # the log-variance is clamped to LDM's [-30, 20]
+        assert (tok.encode_posterior(x)[1] == 20.0).all()
+        tok.adapter.fc2.bias[C:] -= 2e3
+        assert (tok.encode_posterior(x)[1] == -30.0).all()
+    with pytest.raises(ValueError, match=r"posterior=.gaussian.*deterministic"):
+        Tokenizer(small_config("debug")).encode_posterior(x)
+    with pytest.raises(ValueError, match="posterior='vq'"):
+        dataclasses.replace(cfg, posterior="vq")
+
+
+def test_gaussian_tokenizer_round_trip_is_exact(tmp_path):
+    torch.manual_seed(0)
+    cfg = gaussian_config()
+    tok = Tokenizer(cfg).eval()
+    x = images(cfg)
+    with torch.no_grad():
+        mean, logvar = tok.encode_posterior(x)
+        recon = tok.decode(mean)
+    tok.save_pretrained(tmp_path / "a")
+    doc = json.loads((tmp_path / "a" / "config.json").read_text())
+    assert doc["config"]["posterior"] == "gaussian" and doc["latent_shape"] == [4, 4, 4]
+    loaded = Tokenizer.from_pretrained(tmp_path / "a").eval()
+    assert loaded.config == tok.export_config() and loaded.config.posterior == "gaussian"
+    with torch.no_grad():
+        m2, lv2 = loaded.encode_posterior(x)
+        assert torch.equal(m2, mean) and torch.equal(lv2, logvar)
+        assert torch.equal(loaded.decode(m2), recon)
+    loaded.save_pretrained(tmp_path / "b")
+    assert export_hash(tmp_path / "a") == export_hash(tmp_path / "b")
+
+
+def test_exports_without_a_posterior_field_load_as_deterministic(tmp_path):
+    tok = Tokenizer(small_config("debug")).eval()
+    tok.save_pretrained(tmp_path)
+    doc = json.loads((tmp_path / "config.json").read_text())
+    assert doc["config"].pop("posterior") == "deterministic"  # exports written before the field existed
+    (tmp_path / "config.json").write_text(json.dumps(doc))
+    loaded = Tokenizer.from_pretrained(tmp_path)
+    assert loaded.config.posterior == "deterministic" and loaded.adapter.fc2.out_features == 4
+
+
+def test_gaussian_tokenizer_gradients_reach_encoder_adapter_decoder():
+    torch.manual_seed(0)
+    tok = Tokenizer(gaussian_config()).train()
+    tok.set_trainable(encoder=True, adapter=True, decoder=True)
+    mean, logvar = tok.encode_posterior(images(tok.config))
+    z = mean + torch.randn(mean.shape) * (0.5 * logvar).exp()
+    tok.decode(z).square().mean().backward()
+    for part, params in tok.param_groups().items():
+        assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in params), part

@@ -33,6 +33,15 @@ def _data_fetch(args: argparse.Namespace) -> None:
         print(f"{name}: {data.fetch_dataset(name, force=args.force)}")
 
 
+def _tokenizer_train(args: argparse.Namespace) -> None:
+    from aligntok.config import apply_overrides
+    from aligntok.recipes.tokenizer import tokenizer_train_recipe
+    from aligntok.train.tokenizer import train_tokenizer
+
+    cfg = apply_overrides(tokenizer_train_recipe(args.recipe), args.set)
+    train_tokenizer(cfg, out=args.out, stage=args.stage, resume=args.resume)
+
+
 def _latents_cache(args: argparse.Namespace) -> None:
     from aligntok.data.latents import build_cache
 
@@ -100,6 +109,27 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("names", nargs="+", metavar="NAME", help="emoji | fashion-mnist")
     p.add_argument("--force", action="store_true")
     p.set_defaults(func=_data_fetch)
+
+    p = sub.add_parser("tokenizer", help="train, evaluate and score tokenizers")
+    tok_sub = p.add_subparsers(dest="action", required=True)
+    p = tok_sub.add_parser("train", help="three-stage alignment training (or a baseline recipe)")
+    p.add_argument(
+        "--recipe",
+        required=True,
+        help="<base>[-<variant>]: base debug|emoji|fashion|paper, "
+        "variant stage1|wsp0|vae|vavae (default: the AlignTok three stages)",
+    )
+    p.add_argument("--out", required=True, help="run directory")
+    p.add_argument("--stage", default="all", help="a stage name of the recipe (1, 2, 3) or all")
+    p.add_argument("--resume", action="store_true")
+    p.add_argument(
+        "--set",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="override a recipe field, e.g. batch_size=8, stages.1.sp_weight=3, data=/path/to/images",
+    )
+    p.set_defaults(func=_tokenizer_train)
 
     p = sub.add_parser("latents", help="latent cache of a dataset under a tokenizer")
     lat_sub = p.add_subparsers(dest="action", required=True)

@@ -90,10 +90,19 @@ def apply_overrides(cfg: T, overrides: list[str] | tuple[str, ...]) -> T:
 
 
 def _set_path(node: Any, path: list[str], value: Any, full_key: str) -> Any:
-    if not dataclasses.is_dataclass(node):
-        raise ValueError(f"--set {full_key}: {path[0]!r} is inside a value that is not a config section")
-    names = {f.name for f in dataclasses.fields(node)}
     head = path[0]
+    if isinstance(node, (tuple, list)) and node and dataclasses.is_dataclass(node[0]):
+        # A sequence of sections (e.g. a recipe's stages) is addressed by position: stages.1.steps=500.
+        if not head.isdigit() or int(head) >= len(node):
+            raise ValueError(f"--set {full_key}: {head!r} is not an index in 0..{len(node) - 1}")
+        if len(path) == 1:
+            raise ValueError(f"--set {full_key}: set a field of item {head}, e.g. {full_key}.steps=100")
+        items = list(node)
+        items[int(head)] = _set_path(items[int(head)], path[1:], value, full_key)
+        return type(node)(items)
+    if not dataclasses.is_dataclass(node):
+        raise ValueError(f"--set {full_key}: {head!r} is inside a value that is not a config section")
+    names = {f.name for f in dataclasses.fields(node)}
     if head not in names:
         raise ValueError(
             f"--set {full_key}: {type(node).__name__} has no field {head!r}; known: {sorted(names)}"

@@ -49,7 +49,8 @@ class DecoderConfig:
         return 2 ** (len(self.ch_mult) - 1)
 
 
-def _norm(channels: int) -> nn.GroupNorm:
+def group_norm(channels: int) -> nn.GroupNorm:
+    """GroupNorm(32) as in the LDM autoencoder; shared with the from-scratch CNN encoder (encoders.py)."""
     return nn.GroupNorm(num_groups=32, num_channels=channels, eps=1e-6, affine=True)
 
 
@@ -58,9 +59,9 @@ class ResnetBlock(nn.Module):
 
     def __init__(self, in_ch: int, out_ch: int, dropout: float) -> None:
         super().__init__()
-        self.norm1 = _norm(in_ch)
+        self.norm1 = group_norm(in_ch)
         self.conv1 = nn.Conv2d(in_ch, out_ch, 3, padding=1)
-        self.norm2 = _norm(out_ch)
+        self.norm2 = group_norm(out_ch)
         self.dropout = nn.Dropout(dropout)
         self.conv2 = nn.Conv2d(out_ch, out_ch, 3, padding=1)
         self.shortcut = nn.Conv2d(in_ch, out_ch, 1) if in_ch != out_ch else nn.Identity()
@@ -76,7 +77,7 @@ class AttnBlock(nn.Module):
 
     def __init__(self, channels: int) -> None:
         super().__init__()
-        self.norm = _norm(channels)
+        self.norm = group_norm(channels)
         self.qkv = nn.Conv2d(channels, 3 * channels, 1)
         self.proj = nn.Conv2d(channels, channels, 1)
 
@@ -153,7 +154,7 @@ class Decoder(nn.Module):
             in_ch = widths[level]
             size *= 2 if level > 0 else 1
         self.up = nn.ModuleList(levels)  # bottom (widest) level first, in the order they run
-        self.norm_out = _norm(widths[0])
+        self.norm_out = group_norm(widths[0])
         self.conv_out = nn.Conv2d(widths[0], cfg.out_channels, 3, padding=1)
 
     @property

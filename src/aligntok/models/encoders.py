@@ -1,8 +1,10 @@
 """Foundation encoders behind one interface: images in [0, 1] -> a (B, D, h, w) feature grid.
 
-Registry (`ENCODERS`): `efficientnet-lite0` (the offline default, a CNN), `vgg16` (the LPIPS trunk), and the
+Registry (`ENCODERS`): `efficientnet-lite0` (the offline default, a CNN), `vgg16` (the LPIPS trunk), the
 ViT families of the paper, loaded through `transformers` from a local folder or built from a config:
-`dinov2` (with or without registers), `siglip` (SigLIP and SigLIP 2, fixed-size or NaFlex), `clip`, `mae`.
+`dinov2` (with or without registers), `siglip` (SigLIP and SigLIP 2, fixed-size or NaFlex), `clip`, `mae`;
+and `cnn`, the LDM AutoencoderKL encoder trained from scratch (the VAE baselines' encoder, not a foundation
+model).
 Every encoder resizes its input to `input_size`, normalises it with its own mean/std (or the config's), runs
 only the layers its feature map needs, and returns channels-first features; `grid(image_size)` says how large
 that map is. `resolved_config(cfg)` is the config that rebuilds the same architecture, preprocessing included,
@@ -22,6 +24,8 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+
+from aligntok.models.decoder import AttnBlock, ResnetBlock, group_norm
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -55,6 +59,8 @@ class EncoderConfig:
     hf_config: dict | None = None  # or: a transformers config as a dict (architecture only)
     layer: int | None = None  # transformers hidden_states index (0 = embeddings); None = last
     final_norm: bool = True  # apply the ViT's final layernorm to the chosen layer's tokens
+    # `cnn` only: its architecture (keys of CNN_ARCH_DEFAULTS; missing keys take those values)
+    arch: dict | None = None
     pretrained: bool = True  # False: random init (tests, from scratch; or weights from a tokenizer export)
 
 
@@ -277,6 +283,128 @@ class VGG16Encoder(Encoder):
         for _ in range(self.block - 1):  # each 2x2 max-pool floors
             size //= 2
         return size
+
+
+# ---------------------------------------------------------------------------------------------------------
+# A CNN trained from scratch: the LDM AutoencoderKL encoder shape
+
+
+# A small LDM-shaped encoder; recipes write their own `arch` (e.g. mirroring their decoder).
+CNN_ARCH_DEFAULTS: dict = {
+    "ch": 64,  # width of the first level; GroupNorm(32) needs every ch * ch_mult to be a multiple of 32
+    "ch_mult": [1, 2, 2, 4],  # one level per entry, a stride-2 conv between consecutive levels
+    "num_res_blocks": 1,  # ResnetBlocks per level
+    "attn_resolutions": [],  # feature-map sizes (at `input_size`) whose level gets self-attention
+    "out_dim": 256,  # feature channels (the adapter's input width)
+}
+
+
+def _cnn_arch(cfg: EncoderConfig) -> dict:
+    """`cfg.arch` over CNN_ARCH_DEFAULTS, checked, as JSON-like data (lists), for `resolved_config`."""
+    given = {} if cfg.arch is None else cfg.arch
+    if not isinstance(given, dict) or set(given) - set(CNN_ARCH_DEFAULTS):
+        raise ValueError(
+            f"encoder 'cnn': arch={given!r} must be a mapping with keys among {sorted(CNN_ARCH_DEFAULTS)}"
+        )
+    arch = {**CNN_ARCH_DEFAULTS, **given}
+
+    def positive_int(v: object) -> bool:
+        return isinstance(v, int) and not isinstance(v, bool) and v >= 1
+
+    ok = all(positive_int(arch[k]) for k in ("ch", "num_res_blocks", "out_dim")) and all(
+        isinstance(arch[k], (list, tuple)) and all(positive_int(v) for v in arch[k])
+        for k in ("ch_mult", "attn_resolutions")
+    )
+    if not ok or not arch["ch_mult"]:
+        raise ValueError(
+            f"encoder 'cnn': arch {arch} needs positive ints ch, num_res_blocks, out_dim, a non-empty "
+            "ch_mult list and an attn_resolutions list (possibly empty) of positive ints"
+        )
+    arch["ch_mult"], arch["attn_resolutions"] = list(arch["ch_mult"]), list(arch["attn_resolutions"])
+    bad = [arch["ch"] * m for m in arch["ch_mult"] if (arch["ch"] * m) % 32]
+    if bad:
+        raise ValueError(
+            f"encoder 'cnn': widths {bad} (ch * ch_mult) must be multiples of 32 for GroupNorm(32)"
+        )
+    return arch
+
+
+class CNNEncoder(Encoder):
+    """The LDM AutoencoderKL encoder, randomly initialised and trained with the tokenizer (no weights exist).
+
+    conv_in -> one level per `ch_mult` entry: `num_res_blocks` ResnetBlocks (each followed by self-attention
+    where the level's size is in `attn_resolutions`), then a 3x3 stride-2 conv except after the last level
+    -> mid (ResnetBlock, attention, ResnetBlock) -> GroupNorm + SiLU + conv_out to `out_dim` channels. The
+    blocks are the decoder's (aligntok.models.decoder). The downsampling conv pads by 1 on every side (LDM
+    pads right/bottom only), so an n-pixel map becomes ceil(n / 2). Input normalisation maps [0, 1] to
+    [-1, 1] (mean = std = 0.5) unless the config says otherwise. Attention sizes are feature-map sizes, which
+    depend on the input size: with `attn_resolutions` set, `input_size` must be set too.
+    """
+
+    def __init__(self, cfg: EncoderConfig) -> None:
+        if cfg.pretrained:
+            raise ValueError(
+                "encoder 'cnn' is trained from scratch and has no pretrained weights; set "
+                "pretrained=False (--set encoder.pretrained=false)"
+            )
+        wrong = [k for k in ("block", "path", "hf_config", "layer") if getattr(cfg, k) is not None]
+        if wrong:
+            raise ValueError(f"encoder 'cnn' takes its architecture from `arch`; remove {', '.join(wrong)}")
+        arch = _cnn_arch(cfg)
+        super().__init__(input_size=cfg.input_size, **_norm(cfg, HALF, HALF))
+        self.arch = arch
+        widths = [arch["ch"] * m for m in arch["ch_mult"]]
+        sizes = [self._grid_after(cfg.input_size, i) for i in range(len(widths))] if cfg.input_size else []
+        attn = set(arch["attn_resolutions"])
+        if attn and not cfg.input_size:
+            raise ValueError(
+                f"encoder 'cnn': attn_resolutions {sorted(attn)} are feature-map sizes, which depend on the "
+                "input size; set encoder.input_size (e.g. to the tokenizer's image_size)"
+            )
+        if attn - set(sizes):
+            raise ValueError(
+                f"encoder 'cnn': attn_resolutions {sorted(attn)} match none of the level sizes {sizes} at "
+                f"input_size {cfg.input_size}; pick sizes from that list"
+            )
+        self.conv_in = nn.Conv2d(3, widths[0], 3, padding=1)
+        levels, in_ch = [], widths[0]
+        for i, width in enumerate(widths):
+            level: list[nn.Module] = []
+            for _ in range(arch["num_res_blocks"]):
+                level.append(ResnetBlock(in_ch, width, dropout=0.0))
+                in_ch = width
+                if sizes and sizes[i] in attn:
+                    level.append(AttnBlock(width))
+            if i < len(widths) - 1:
+                level.append(nn.Conv2d(width, width, 3, stride=2, padding=1))
+            levels.append(nn.Sequential(*level))
+        self.down = nn.ModuleList(levels)
+        self.mid = nn.Sequential(
+            ResnetBlock(in_ch, in_ch, dropout=0.0), AttnBlock(in_ch), ResnetBlock(in_ch, in_ch, dropout=0.0)
+        )
+        self.norm_out = group_norm(in_ch)
+        self.conv_out = nn.Conv2d(in_ch, arch["out_dim"], 3, padding=1)
+        self.dim = arch["out_dim"]
+        self.stride = 2 ** (len(widths) - 1)
+
+    @staticmethod
+    def _grid_after(size: int, downsamples: int) -> int:
+        for _ in range(downsamples):
+            size = -(-size // 2)  # 3x3 conv, stride 2, padding 1: ceil(n / 2)
+        return size
+
+    def resolved_config(self, cfg: EncoderConfig) -> EncoderConfig:
+        """`cfg` with the full architecture written out (defaults filled in); no weights to drop."""
+        return dataclasses.replace(cfg, pretrained=False, arch=dict(self.arch))
+
+    def _run(self, x: Tensor) -> Tensor:
+        x = self.conv_in(x)
+        for level in self.down:
+            x = level(x)
+        return self.conv_out(F.silu(self.norm_out(self.mid(x))))
+
+    def _grid(self, size: int) -> int:
+        return self._grid_after(size, len(self.down) - 1)
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -600,6 +728,7 @@ ENCODERS: dict[str, Callable[[EncoderConfig], Encoder]] = {
     "siglip": HFViTEncoder,
     "clip": HFViTEncoder,
     "mae": HFViTEncoder,
+    "cnn": CNNEncoder,
 }
 
 
@@ -607,11 +736,17 @@ def build_encoder(cfg: EncoderConfig) -> Encoder:
     """The encoder named by `cfg.name`, in eval mode; ValueError for unknown names or bad settings."""
     if cfg.name not in ENCODERS:
         raise ValueError(f"unknown encoder {cfg.name!r}; choose one of {', '.join(ENCODERS)}")
+    if cfg.arch is not None and cfg.name != "cnn":
+        raise ValueError(
+            f"encoder {cfg.name!r}: `arch` applies to the from-scratch 'cnn' encoder only; remove it"
+        )
     return ENCODERS[cfg.name](cfg).eval()
 
 
 __all__ = [
+    "CNN_ARCH_DEFAULTS",
     "ENCODERS",
+    "CNNEncoder",
     "EfficientNetLiteEncoder",
     "Encoder",
     "EncoderConfig",

@@ -1,7 +1,9 @@
 """The AlignTok tokenizer: foundation encoder -> per-token MLP adapter -> latent z -> CNN decoder.
 
 PAPER.md "Tokenizer": z = A(E(x)) is deterministic (no KL, no sampling, no noise); the decoder of the
-LDM/VA-VAE shape maps z back to pixels. The module also owns the per-channel latent statistics that the
+LDM/VA-VAE shape maps z back to pixels. `posterior="gaussian"` is for the baselines (vanilla VAE, VA-VAE):
+the adapter then outputs a diagonal Gaussian's mean and log-variance, training samples from it, and
+`encode` gives the mean. The module also owns the per-channel latent statistics that the
 diffusion model standardises with, so that they travel inside the export (a mismatch between latents and
 statistics is a known way to get FID above 100).
 """
@@ -12,7 +14,7 @@ import dataclasses
 import math
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import torch
 from torch import Tensor, nn
@@ -23,6 +25,9 @@ from aligntok.models.decoder import Decoder, DecoderConfig
 from aligntok.models.encoders import EncoderConfig, build_encoder
 
 _ACTIVATIONS: dict[str, type[nn.Module]] = {"gelu": nn.GELU, "silu": nn.SiLU, "relu": nn.ReLU}
+_POSTERIORS = ("deterministic", "gaussian")
+# LDM's DiagonalGaussianDistribution clamps the log-variance here: exp() stays finite in fp32 and bf16.
+LOGVAR_RANGE = (-30.0, 20.0)
 
 
 @dataclass(kw_only=True)
@@ -35,6 +40,8 @@ class TokenizerConfig:
     latent_channels: int
     decoder: DecoderConfig
     adapter_act: str = "gelu"
+    # AlignTok's latent is deterministic (PAPER.md: a KL term hurt); "gaussian" serves the VAE baselines.
+    posterior: Literal["deterministic", "gaussian"] = "deterministic"
 
     def __post_init__(self) -> None:
         # Checks that tie two fields together live in Tokenizer.__init__: `--set` overrides change one
@@ -46,6 +53,8 @@ class TokenizerConfig:
             )
         if self.adapter_act not in _ACTIVATIONS:
             raise ValueError(f"adapter_act={self.adapter_act!r} is not one of {sorted(_ACTIVATIONS)}")
+        if self.posterior not in _POSTERIORS:
+            raise ValueError(f"posterior={self.posterior!r} is not one of {list(_POSTERIORS)}")
 
 
 class Adapter(nn.Module):
@@ -89,7 +98,9 @@ class Tokenizer(nn.Module):
                 f"{grid * factor} px, not {cfg.image_size}; {fix}"
             )
         self.grid = grid
-        self.adapter = Adapter(self.encoder.dim, cfg.adapter_hidden, cfg.latent_channels, cfg.adapter_act)
+        # A Gaussian posterior's adapter outputs (mean, logvar): 2C channels.
+        out = cfg.latent_channels * (2 if cfg.posterior == "gaussian" else 1)
+        self.adapter = Adapter(self.encoder.dim, cfg.adapter_hidden, out, cfg.adapter_act)
         self.decoder = Decoder(cfg.decoder, latent_size=grid)
         self.register_buffer("latent_mean", torch.zeros(cfg.latent_channels))
         self.register_buffer("latent_std", torch.ones(cfg.latent_channels))
@@ -131,12 +142,31 @@ class Tokenizer(nn.Module):
         return self.encoder.features(images)
 
     def adapt(self, feats: Tensor) -> Tensor:
-        """Latent z (B, C, h, w) from encoder features."""
-        return self.adapter(feats)
+        """Latent z (B, C, h, w) from encoder features (a Gaussian posterior's mean)."""
+        out = self.adapter(feats)
+        if self.config.posterior == "gaussian":
+            return out[:, : self.config.latent_channels].contiguous()
+        return out
 
     def encode(self, images: Tensor) -> Tensor:
-        """Raw (unnormalised) latent z (B, C, h, w) of images in [0, 1] (B, 3, H, W)."""
+        """Raw (unnormalised) latent z (B, C, h, w) of images in [0, 1] (B, 3, H, W).
+
+        For a Gaussian posterior this is its mean: deterministic, so that latent caches, statistics and
+        evaluation do not depend on a noise draw (LDM's latent diffusion samples the posterior instead; under
+        the baselines' tiny KL weight its standard deviation is small, so the two differ little).
+        """
         return self.adapt(self.features(images))
+
+    def encode_posterior(self, images: Tensor) -> tuple[Tensor, Tensor]:
+        """(mean, logvar), each (B, C, h, w), of a Gaussian-posterior tokenizer; logvar clamped to
+        LOGVAR_RANGE. Training samples z = mean + exp(logvar / 2) * eps."""
+        if self.config.posterior != "gaussian":
+            raise ValueError(
+                "encode_posterior needs a tokenizer with posterior='gaussian'; this one is deterministic "
+                "(use encode)"
+            )
+        mean, logvar = self.adapter(self.features(images)).chunk(2, dim=1)
+        return mean.contiguous(), logvar.clamp(*LOGVAR_RANGE).contiguous()
 
     def decode(self, z: Tensor) -> Tensor:
         """Images (B, 3, H, W) on the [0, 1] scale, not clamped, from raw latents."""

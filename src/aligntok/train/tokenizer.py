@@ -1,0 +1,449 @@
+"""The ONE tokenizer training loop, for every stage of AlignTok and for the baselines (PAPER.md, "The three
+stages"). A stage is data (`StageConfig`): which parameter groups train, the loss weights, its length and
+learning rates, and whether an EMA of the weights is exported. `--stage all` runs a recipe's stages in
+order, each starting from the previous stage's export, then writes one export with latent statistics.
+
+Run directory:
+    RUN/config.json                      resolved training config
+    RUN/stage-<name>/log.jsonl           losses (each on its own), lr, grad norms, validation PSNR
+    RUN/stage-<name>/checkpoints/last.pt exact-resume state (tokenizer, EMA, discriminator, optimizers, RNG)
+    RUN/stage-<name>/recon-<step>.png    originals (top) over reconstructions of a fixed validation batch
+    RUN/stage-<name>/export/             the stage's result (EMA weights where the stage keeps an EMA)
+    RUN/export/                          the final tokenizer with latent statistics of the training data
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import torch
+from torch import Tensor, nn
+from torch.utils.data import DataLoader
+
+from aligntok import distributed
+from aligntok.checkpoint import load_state, save_state
+from aligntok.config import save_json, to_dict
+from aligntok.losses import (
+    VF_MARGINS,
+    PerceptualLoss,
+    VFLoss,
+    adaptive_gan_weight,
+    generator_loss,
+    hinge_d_loss,
+    kl_loss,
+    semantic_preservation_loss,
+)
+from aligntok.models.discriminator import DiscriminatorConfig, PatchDiscriminator
+from aligntok.models.encoders import EncoderConfig, build_encoder
+from aligntok.models.tokenizer import Tokenizer, TokenizerConfig
+from aligntok.report import make_grid, save_image, to_uint8
+from aligntok.train.common import (
+    EMA,
+    JsonlLog,
+    StepBatchSampler,
+    lr_factor,
+    progress,
+    rng_state,
+    seed_everything,
+    set_rng_state,
+)
+
+GROUPS = ("encoder", "adapter", "decoder")
+
+
+@dataclass(kw_only=True)
+class StageConfig:
+    """One stage: trained parameter groups, losses, length, learning rates, EMA."""
+
+    name: str  # "1", "2", "3" for AlignTok; e.g. "vae" for a one-stage baseline
+    steps: int
+    train: tuple[str, ...]  # parameter groups that train: subset of encoder, adapter, decoder
+    lr: float = 1e-4
+    encoder_lr: float | None = None  # stage 2 fine-tunes the encoder with a lower lr (None: same as lr)
+    warmup_steps: int = 0
+    schedule: Literal["constant", "cosine"] = "constant"
+    l1_weight: float = 1.0
+    lpips_weight: float = 1.0
+    gan_weight: float = 0.5  # base weight of the adaptive GAN term (taming/LDM rule); 0 disables the GAN
+    gan_start: int = 0  # stage step at which the discriminator and the GAN term start
+    sp_weight: float = 0.0  # w_sp of L_sp (stage 2 only in AlignTok)
+    sp_kind: Literal["l2", "cosine"] = "l2"
+    kl_weight: float = 0.0  # vanilla VAE baselines: 1e-6
+    vf_weight: float = 0.0  # VA-VAE baseline: vision-foundation alignment loss
+    ema_decay: float | None = None  # keep an EMA and export it (stage 2)
+
+    def __post_init__(self) -> None:
+        self.train = tuple(self.train)
+        unknown = set(self.train) - set(GROUPS)
+        if unknown or not self.train:
+            raise ValueError(f"stage {self.name}: train={self.train} must be a non-empty subset of {GROUPS}")
+
+
+@dataclass(kw_only=True)
+class TokenizerTrainConfig:
+    model: TokenizerConfig
+    data: str = "emoji"
+    stages: tuple[StageConfig, ...]
+    batch_size: int = 32  # global
+    betas: tuple[float, float] = (0.5, 0.9)
+    weight_decay: float = 0.0
+    grad_clip: float = 1.0
+    disc: DiscriminatorConfig = field(default_factory=DiscriminatorConfig)
+    disc_lr: float = 1e-4
+    vf_encoder: EncoderConfig | None = None  # VA-VAE: the frozen foundation encoder the latent aligns to
+    vf_margins: tuple[float, float] = VF_MARGINS  # VA-VAE's cosine and distance-matrix margins
+    bf16: bool = False
+    seed: int = 0
+    num_workers: int = 0
+    log_every: int = 25
+    val_every: int = 250
+    num_val: int = 16
+    ckpt_every: int = 500
+    stats_batches: int | None = None  # batches of training data for latent statistics (None: all)
+
+    def __post_init__(self) -> None:
+        names = [s.name for s in self.stages]
+        if not names or len(set(names)) != len(names):
+            raise ValueError(f"stages need distinct names, got {names}")
+        if any(s.vf_weight > 0 for s in self.stages) and self.vf_encoder is None:
+            raise ValueError("a stage has vf_weight > 0 but vf_encoder is not set")
+
+
+def _stage_dir(out: Path, stage: StageConfig) -> Path:
+    return out / f"stage-{stage.name}"
+
+
+def _export_done(path: Path) -> bool:
+    return (path / "model.safetensors").exists() and (path / "config.json").exists()
+
+
+def train_tokenizer(
+    cfg: TokenizerTrainConfig, *, out: str | Path, stage: str = "all", resume: bool = False
+) -> Path:
+    """Run one stage (`stage` = its name) or all of them; returns the final export directory."""
+    out = Path(out)
+    if not cfg.data:
+        raise ValueError("this recipe has no dataset: --set data=/path/to/images (one subfolder per class)")
+    names = [s.name for s in cfg.stages]
+    if stage != "all" and stage not in names:
+        raise ValueError(f"--stage {stage!r} is not in this recipe; its stages: {', '.join(names)} or all")
+    world = distributed.init()
+    if world.is_main:
+        out.mkdir(parents=True, exist_ok=True)
+        save_json(cfg, out / "config.json")
+    todo = cfg.stages if stage == "all" else tuple(s for s in cfg.stages if s.name == stage)
+    for s in todo:
+        sdir = _stage_dir(out, s)
+        if _export_done(sdir / "export"):
+            distributed.print0(f"stage {s.name}: done already ({sdir / 'export'})")
+            continue
+        if (sdir / "checkpoints" / "last.pt").exists() and not resume:
+            raise ValueError(
+                f"{sdir} holds an interrupted stage; pass --resume to continue it or a new --out"
+            )
+        _train_stage(cfg, s, out=out)
+    last = _stage_dir(out, cfg.stages[-1]) / "export"
+    if stage != "all" and stage != names[-1]:
+        return _stage_dir(out, todo[0]) / "export"
+    final = out / "export"
+    if world.is_main and not _export_done(final):
+        tokenizer = Tokenizer.from_pretrained(last).to(world.device)
+        mean, std = latent_statistics(tokenizer, cfg)
+        tokenizer.set_latent_stats(mean, std)
+        tokenizer.save_pretrained(final, extra_meta={"trained": {"recipe_stages": names, "data": cfg.data}})
+    distributed.barrier()
+    distributed.print0(f"tokenizer trained; export at {final}")
+    return final
+
+
+def _initial_tokenizer(cfg: TokenizerTrainConfig, stage: StageConfig, out: Path) -> Tokenizer:
+    """Stage k starts from stage k-1's export; the first stage builds the model (pretrained encoder)."""
+    index = [s.name for s in cfg.stages].index(stage.name)
+    if index == 0:
+        return Tokenizer(cfg.model)
+    prev = _stage_dir(out, cfg.stages[index - 1]) / "export"
+    if not _export_done(prev):
+        raise ValueError(
+            f"stage {stage.name} starts from stage {cfg.stages[index - 1].name}, not trained yet "
+            f"({prev}); run --stage {cfg.stages[index - 1].name} first or --stage all"
+        )
+    return Tokenizer.from_pretrained(prev)
+
+
+def _semantic_reference(cfg: TokenizerTrainConfig, out: Path) -> Tokenizer:
+    """The FROZEN stage-1 tokenizer (original encoder + stage-1 adapter) that L_sp compares against."""
+    ref = Tokenizer.from_pretrained(_stage_dir(out, cfg.stages[0]) / "export")
+    ref.requires_grad_(False)
+    return ref.eval()
+
+
+def _validation_batch(cfg: TokenizerTrainConfig) -> Tensor:
+    """The first `num_val` validation images (train images if the dataset has no validation split)."""
+    from aligntok.data import build_dataset
+
+    try:
+        ds = build_dataset(cfg.data, split="val", resolution=cfg.model.image_size)
+    except ValueError:
+        ds = build_dataset(cfg.data, split="train", resolution=cfg.model.image_size)
+    n = min(cfg.num_val, len(ds))
+    return torch.stack([ds[i]["image"] for i in range(n)])
+
+
+def psnr(x: Tensor, y: Tensor) -> Tensor:
+    """Per-image PSNR in dB of images in [0, 1] (clamped)."""
+    mse = (x.clamp(0, 1) - y.clamp(0, 1)).pow(2).flatten(1).mean(1)
+    return 10 * torch.log10(1.0 / mse.clamp_min(1e-10))
+
+
+def _train_stage(cfg: TokenizerTrainConfig, stage: StageConfig, *, out: Path) -> None:
+    from aligntok.data import build_dataset
+
+    world = distributed.init()
+    device = world.device
+    sdir = _stage_dir(out, stage)
+    ckpt_path = sdir / "checkpoints" / "last.pt"
+    seed_everything(cfg.seed)
+    tokenizer = _initial_tokenizer(cfg, stage, out).to(device)
+    tokenizer.set_trainable(**{g: g in stage.train for g in GROUPS})
+    groups = tokenizer.param_groups()
+    param_groups = [
+        {"params": groups[g], "lr": (stage.encoder_lr or stage.lr) if g == "encoder" else stage.lr, "name": g}
+        for g in stage.train
+    ]
+    perceptual = PerceptualLoss().to(device) if stage.lpips_weight > 0 else None
+    vf = None
+    if stage.vf_weight > 0:
+        assert cfg.vf_encoder is not None
+        vf_encoder = build_encoder(cfg.vf_encoder).to(device).eval().requires_grad_(False)
+        vf = VFLoss(tokenizer.config.latent_channels, vf_encoder, margins=cfg.vf_margins).to(device)
+        param_groups.append({"params": list(vf.projection.parameters()), "lr": stage.lr, "name": "vf"})
+    base_lrs = [g["lr"] for g in param_groups]
+    opt = torch.optim.AdamW(param_groups, betas=cfg.betas, weight_decay=cfg.weight_decay)
+    use_gan = stage.gan_weight > 0
+    disc = PatchDiscriminator(cfg.disc).to(device) if use_gan else None
+    opt_d = (
+        torch.optim.AdamW(disc.parameters(), lr=cfg.disc_lr, betas=cfg.betas) if disc is not None else None
+    )
+    ema = EMA(tokenizer, stage.ema_decay) if stage.ema_decay else None
+    reference = _semantic_reference(cfg, out).to(device) if stage.sp_weight > 0 else None
+    gen = torch.Generator(device).manual_seed(cfg.seed * 7919 + world.rank)
+
+    step = 0
+    if ckpt_path.exists():
+        state = load_state(ckpt_path)
+        if state["config"] != to_dict(cfg):
+            raise ValueError(f"{ckpt_path} was made with another config; resume with the same recipe/--set")
+        tokenizer.load_state_dict(state["tokenizer"])
+        opt.load_state_dict(state["optimizer"])
+        if disc is not None:
+            disc.load_state_dict(state["disc"])
+            opt_d.load_state_dict(state["disc_optimizer"])
+        if ema is not None:
+            ema.load_state_dict(state["ema"])
+        if vf is not None:
+            vf.projection.load_state_dict(state["vf"])
+        set_rng_state(state["rng"])
+        gen.set_state(state["generator"])
+        step = state["step"]
+        distributed.print0(f"stage {stage.name}: resumed at step {step}")
+    elif disc is not None:
+        _carry_discriminator(cfg, stage, out, disc)
+
+    dataset = build_dataset(cfg.data, split="train", resolution=cfg.model.image_size)
+    sampler = StepBatchSampler(
+        n=len(dataset),
+        batch=cfg.batch_size,
+        seed=cfg.seed + 1000 * _index(cfg, stage),
+        start=step,
+        stop=stage.steps,
+        rank=world.rank,
+        world=world.world_size,
+    )
+    loader = DataLoader(dataset, batch_sampler=sampler, num_workers=cfg.num_workers)
+    val_images = _validation_batch(cfg).to(device) if world.is_main else None
+    log = JsonlLog(sdir / "log.jsonl")
+    if world.is_main:
+        sdir.mkdir(parents=True, exist_ok=True)
+    bar = progress(stage.steps, step, f"tokenizer stage {stage.name}")
+    tokenizer.train()
+    t0 = time.time()
+    for batch in loader:
+        images = batch["image"].to(device, non_blocking=True)
+        for g, base in zip(opt.param_groups, base_lrs):
+            g["lr"] = base * lr_factor(
+                step, warmup=stage.warmup_steps, total=stage.steps, schedule=stage.schedule
+            )
+        gan_on = use_gan and step >= stage.gan_start
+        losses: dict[str, Tensor] = {}
+        with distributed.autocast(cfg.bf16):
+            if tokenizer.config.posterior == "gaussian":
+                mean, logvar = tokenizer.encode_posterior(images)
+                z = mean + torch.randn(mean.shape, generator=gen, device=device) * (0.5 * logvar).exp()
+                if stage.kl_weight > 0:
+                    # Per image pixel value: LDM's KL weight (1e-6) is relative to a reconstruction loss
+                    # SUMMED over pixels, ours are means: divide by 3 * H * W to keep its meaning.
+                    losses["kl"] = kl_loss(mean.float(), logvar.float()) / images[0].numel()
+            else:
+                z = tokenizer.encode(images)
+            recon = tokenizer.decode(z)
+            losses["l1"] = (recon.float() - images).abs().mean()
+            if perceptual is not None:
+                losses["lpips"] = perceptual(recon.float(), images)
+            if reference is not None:
+                with torch.no_grad():
+                    z_ref = reference.encode(images)
+                losses["sp"] = semantic_preservation_loss(z.float(), z_ref.float(), kind=stage.sp_kind)
+            if vf is not None:
+                losses["vf_cos"], losses["vf_dm"] = vf(z.float(), images)
+        rec = stage.l1_weight * losses["l1"] + stage.lpips_weight * losses.get("lpips", 0.0)
+        total = rec + stage.sp_weight * losses.get("sp", 0.0) + stage.kl_weight * losses.get("kl", 0.0)
+        total = total + stage.vf_weight * (losses.get("vf_cos", 0.0) + losses.get("vf_dm", 0.0))
+        if gan_on:
+            disc.requires_grad_(False)  # the generator step needs gradients through D, not for it
+            with distributed.autocast(cfg.bf16):
+                losses["g"] = generator_loss(disc(recon).float())
+            disc.requires_grad_(True)
+            last = tokenizer.decoder.last_layer
+            weight = adaptive_gan_weight(rec, losses["g"], last, base=stage.gan_weight)
+            losses["gan_weight"] = weight
+            total = total + weight * losses["g"]
+        opt.zero_grad(set_to_none=True)
+        total.backward()
+        trained = [p for g in opt.param_groups for p in g["params"]]
+        grad_norm = torch.nn.utils.clip_grad_norm_(trained, cfg.grad_clip)
+        if not math.isfinite(total.item()):
+            raise RuntimeError(
+                f"stage {stage.name}: loss is {total.item()} at step {step}; resume from "
+                f"{ckpt_path} with a lower lr or bf16=false"
+            )
+        opt.step()
+        if gan_on:
+            with distributed.autocast(cfg.bf16):
+                losses["d"] = hinge_d_loss(disc(images).float(), disc(recon.detach()).float())
+            opt_d.zero_grad(set_to_none=True)
+            losses["d"].backward()
+            torch.nn.utils.clip_grad_norm_(disc.parameters(), cfg.grad_clip)
+            opt_d.step()
+        if ema is not None:
+            ema.update(tokenizer)
+        step += 1
+        bar.update()
+        if step % cfg.log_every == 0 or step == stage.steps:
+            log.write(
+                step=step,
+                loss=total.item(),
+                grad_norm=grad_norm.item(),
+                lr=opt.param_groups[0]["lr"],
+                images_per_s=step * cfg.batch_size / max(time.time() - t0, 1e-9) if step else 0.0,
+                **{k: v.item() if isinstance(v, Tensor) else v for k, v in losses.items()},
+            )
+            bar.set_postfix(loss=f"{total.item():.4f}")
+        if world.is_main and (step % cfg.val_every == 0 or step == stage.steps):
+            log.write(
+                step=step, val_psnr=_validate(tokenizer, ema, val_images, sdir / f"recon-{step:07d}.png")
+            )
+        if step % cfg.ckpt_every == 0 or step == stage.steps:
+            state = {
+                "config": to_dict(cfg),
+                "stage": stage.name,
+                "step": step,
+                "tokenizer": tokenizer.state_dict(),
+                "optimizer": opt.state_dict(),
+                "rng": rng_state(),
+                "generator": gen.get_state(),
+            }
+            if disc is not None:
+                state |= {"disc": disc.state_dict(), "disc_optimizer": opt_d.state_dict()}
+            if ema is not None:
+                state["ema"] = ema.state_dict()
+            if vf is not None:
+                state["vf"] = vf.projection.state_dict()
+            if world.is_main:
+                save_state(state, ckpt_path)
+    bar.close()
+    if world.is_main:
+        if ema is not None:
+            ema.copy_to(tokenizer)
+        tokenizer.save_pretrained(sdir / "export", extra_meta={"stage": stage.name, "steps": stage.steps})
+    distributed.barrier()
+
+
+def _index(cfg: TokenizerTrainConfig, stage: StageConfig) -> int:
+    return [s.name for s in cfg.stages].index(stage.name)
+
+
+def _carry_discriminator(cfg: TokenizerTrainConfig, stage: StageConfig, out: Path, disc: nn.Module) -> None:
+    """A later stage keeps training the previous stage's discriminator instead of a fresh one."""
+    index = _index(cfg, stage)
+    if index == 0:
+        return
+    prev = _stage_dir(out, cfg.stages[index - 1]) / "checkpoints" / "last.pt"
+    if prev.exists():
+        state = load_state(prev)
+        if "disc" in state:
+            disc.load_state_dict(state["disc"])
+
+
+@torch.no_grad()
+def _validate(tokenizer: Tokenizer, ema: EMA | None, images: Tensor, path: Path) -> float:
+    """PSNR on the fixed validation batch, and a grid of originals over reconstructions (EMA weights)."""
+    model = tokenizer
+    if ema is not None:
+        model = Tokenizer(_no_pretrained(tokenizer.config)).to(images.device)
+        ema.copy_to(model)
+    was_training = model.training
+    model.eval()
+    recon = model.decode(model.encode(images)).clamp(0, 1)
+    model.train(was_training)
+    grid = make_grid(to_uint8(torch.cat([images, recon])), nrow=len(images))
+    save_image(grid, path, scale=max(1, 128 // images.shape[-1]))
+    return psnr(recon, images).mean().item()
+
+
+def _no_pretrained(config: TokenizerConfig) -> TokenizerConfig:
+    import dataclasses
+
+    return dataclasses.replace(config, encoder=dataclasses.replace(config.encoder, pretrained=False))
+
+
+@torch.no_grad()
+def latent_statistics(tokenizer: Tokenizer, cfg: TokenizerTrainConfig) -> tuple[Tensor, Tensor]:
+    """Per-channel mean/std of the latents of the training data (float64 accumulation)."""
+    from aligntok.data import build_dataset
+
+    device = next(tokenizer.parameters()).device
+    tokenizer.eval()
+    dataset = build_dataset(cfg.data, split="train", resolution=cfg.model.image_size)
+    loader = DataLoader(dataset, batch_size=64, num_workers=cfg.num_workers)
+    total, s1, s2 = 0, 0.0, 0.0
+    for i, batch in enumerate(loader):
+        if cfg.stats_batches is not None and i >= cfg.stats_batches:
+            break
+        with distributed.autocast(cfg.bf16):
+            z = tokenizer.encode(batch["image"].to(device)).double()
+        s1 = s1 + z.sum((0, 2, 3))
+        s2 = s2 + (z**2).sum((0, 2, 3))
+        total += z.shape[0] * z.shape[2] * z.shape[3]
+    mean = s1 / total
+    std = (s2 / total - mean**2).clamp_min(1e-12).sqrt()
+    return mean.float().cpu(), std.float().cpu()
+
+
+def stage_summary(out: str | Path) -> dict[str, Any]:
+    """Last validation PSNR and wall time of each stage of a run (for reports)."""
+    from aligntok.train.common import read_log
+
+    summary = {}
+    for sdir in sorted(Path(out).glob("stage-*")):
+        records = read_log(sdir / "log.jsonl")
+        val = [r for r in records if "val_psnr" in r]
+        summary[sdir.name.removeprefix("stage-")] = {
+            "val_psnr": val[-1]["val_psnr"] if val else None,
+            "steps": val[-1]["step"] if val else None,
+            "wall_s": records[-1]["time"] if records else None,
+        }
+    return summary
