@@ -55,10 +55,11 @@ def emoji() -> TokenizerConfig:
         adapter_hidden=256,
         # 16 channels: 32 px used 8x8x8 (DESIGN.md); 4x the pixels at the same grid get 2x the channels.
         latent_channels=16,
-        # Width halves as resolution doubles (256@8 .. 32@64 px): each level costs about the same, 2.8
-        # GFLOP/image in all, where ch=64 with (1, 2, 2, 4) costs 5.7 (docs/tokenizer.md).
+        # Width halves as resolution doubles (256@8 .. 32@64 px): each level costs about the same. One
+        # residual block per level (num_res_blocks=0) halves the cost of two; the decoder is what a CPU step
+        # spends most on (docs/training.md).
         decoder=DecoderConfig(
-            z_channels=16, ch=32, ch_mult=(1, 2, 4, 8), num_res_blocks=1, attn_resolutions=(8,)
+            z_channels=16, ch=32, ch_mult=(1, 2, 4, 8), num_res_blocks=0, attn_resolutions=(8,)
         ),
     )
 
@@ -124,6 +125,7 @@ class Budget:
     ckpt_every: int
     bf16: bool
     data: str
+    lpips_net: str = "vgg"
 
 
 BUDGETS: dict[str, Budget] = {
@@ -142,32 +144,35 @@ BUDGETS: dict[str, Budget] = {
         bf16=True,
         data="",
     ),
-    # CPU-sized: minutes per stage on 2 cores (docs/results.md has the measured runs).
+    # CPU-sized: minutes per stage on 2 cores (docs/results.md has the measured runs). AlexNet LPIPS: VGG's
+    # costs about as much as the whole decoder at 64 px on a CPU (docs/training.md).
     "emoji": Budget(
         batch_size=16,
-        stage_steps=(1200, 800, 400),
+        stage_steps=(600, 400, 200),
         lr=2e-4,
         encoder_lr=2e-5,
-        gan_start=600,
-        ema_decay=0.995,
-        log_every=25,
-        val_every=200,
-        ckpt_every=200,
+        gan_start=300,
+        ema_decay=0.99,
+        log_every=20,
+        val_every=100,
+        ckpt_every=100,
         bf16=True,
         data="emoji",
+        lpips_net="alex",
     ),
     "fashion": Budget(
         batch_size=32,
-        stage_steps=(1200, 800, 400),
+        stage_steps=(600, 400, 200),
         lr=2e-4,
         encoder_lr=2e-5,
-        gan_start=600,
-        ema_decay=0.995,
-        log_every=25,
-        val_every=200,
-        ckpt_every=200,
+        gan_start=300,
+        ema_decay=0.99,
+        log_every=20,
+        val_every=100,
+        ckpt_every=100,
         bf16=True,
         data="fashion-mnist",
+        lpips_net="alex",
     ),
     "debug": Budget(
         batch_size=4,
@@ -280,6 +285,7 @@ def tokenizer_train_recipe(name: str) -> TokenizerTrainConfig:
         vf_encoder=vf_encoder,
         log_every=b.log_every,
         val_every=b.val_every,
+        lpips_net=b.lpips_net,
         ckpt_every=b.ckpt_every,
     )
 

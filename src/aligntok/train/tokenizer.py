@@ -92,6 +92,7 @@ class TokenizerTrainConfig:
     betas: tuple[float, float] = (0.5, 0.9)
     weight_decay: float = 0.0
     grad_clip: float = 1.0
+    lpips_net: Literal["vgg", "alex"] = "vgg"  # AlexNet LPIPS is ~50x cheaper: the CPU recipes' choice
     disc: DiscriminatorConfig = field(default_factory=DiscriminatorConfig)
     disc_lr: float = 1e-4
     vf_encoder: EncoderConfig | None = None  # VA-VAE: the frozen foundation encoder the latent aligns to
@@ -214,7 +215,7 @@ def _train_stage(cfg: TokenizerTrainConfig, stage: StageConfig, *, out: Path) ->
         {"params": groups[g], "lr": (stage.encoder_lr or stage.lr) if g == "encoder" else stage.lr, "name": g}
         for g in stage.train
     ]
-    perceptual = PerceptualLoss().to(device) if stage.lpips_weight > 0 else None
+    perceptual = PerceptualLoss(net=cfg.lpips_net).to(device) if stage.lpips_weight > 0 else None
     vf = None
     if stage.vf_weight > 0:
         assert cfg.vf_encoder is not None
