@@ -42,6 +42,41 @@ def _tokenizer_train(args: argparse.Namespace) -> None:
     train_tokenizer(cfg, out=args.out, stage=args.stage, resume=args.resume)
 
 
+def _tokenizer_eval(args: argparse.Namespace) -> None:
+    from aligntok.tokenizer_eval import evaluate_tokenizer
+
+    evaluate_tokenizer(
+        args.tokenizer,
+        args.data,
+        split=args.split,
+        num=args.num,
+        probe=not args.no_probe,
+        batch_size=args.batch_size,
+        bf16=args.bf16,
+        out=args.out,
+    )
+
+
+def _tokenizer_score(args: argparse.Namespace) -> None:
+    from aligntok.tokenizer_eval import score_tokenizer
+
+    score_tokenizer(args.tokenizer, args.data, out=args.out, budget=args.budget, seed=args.seed)
+
+
+def _eval(args: argparse.Namespace) -> None:
+    from aligntok.evaluate import evaluate
+
+    evaluate(
+        args.samples,
+        args.ref,
+        num=args.num,
+        batch_size=args.batch_size,
+        bf16=args.bf16,
+        out=args.out,
+        ref_split=args.ref_split,
+    )
+
+
 def _latents_cache(args: argparse.Namespace) -> None:
     from aligntok.data.latents import build_cache
 
@@ -130,6 +165,25 @@ def build_parser() -> argparse.ArgumentParser:
         help="override a recipe field, e.g. batch_size=8, stages.1.sp_weight=3, data=/path/to/images",
     )
     p.set_defaults(func=_tokenizer_train)
+    p = tok_sub.add_parser("eval", help="rFID, PSNR, SSIM, LPIPS, linear probe, k-NN, CKNNA -> JSON")
+    p.add_argument("--tokenizer", required=True, help="a tokenizer export directory")
+    p.add_argument("--data", required=True, help="emoji | fashion-mnist | an image folder")
+    p.add_argument("--split", default="val", choices=["train", "val"])
+    p.add_argument("--num", type=int, default=None, help="cap on images per split (a seeded subset)")
+    p.add_argument("--no-probe", action="store_true", help="reconstruction metrics only")
+    p.add_argument("--batch-size", type=int, default=64)
+    p.add_argument("--bf16", action="store_true")
+    p.add_argument("--out", default=None, help="JSON path (default: beside the tokenizer, report/)")
+    p.set_defaults(func=_tokenizer_eval)
+    p = tok_sub.add_parser(
+        "score", help="cheap diffusability signal: probe + CKNNA + gFID of a small fixed DiT"
+    )
+    p.add_argument("--tokenizer", required=True)
+    p.add_argument("--data", required=True)
+    p.add_argument("--out", required=True, help="work directory (resumable)")
+    p.add_argument("--budget", choices=["small", "debug"], default="small")
+    p.add_argument("--seed", type=int, default=0)
+    p.set_defaults(func=_tokenizer_score)
 
     p = sub.add_parser("latents", help="latent cache of a dataset under a tokenizer")
     lat_sub = p.add_subparsers(dest="action", required=True)
@@ -178,6 +232,18 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--batch-size", type=int, default=64)
     p.add_argument("--bf16", action="store_true")
     p.set_defaults(func=_sample)
+
+    p = sub.add_parser("eval", help="FID, KID, IS, precision/recall of samples against a reference -> JSON")
+    p.add_argument("--samples", required=True, help="a folder of images or an ADM-format .npz (arr_0)")
+    p.add_argument("--ref", required=True, help="emoji | fashion-mnist | an image folder | a reference .npz")
+    p.add_argument("--ref-split", default="train", choices=["train", "val"])
+    p.add_argument("--num", type=int, default=None, help="use at most N images of each side")
+    p.add_argument("--batch-size", type=int, default=50)
+    p.add_argument(
+        "--bf16", action="store_true", help="bf16 Inception (see docs/metrics.md for its FID cost)"
+    )
+    p.add_argument("--out", default=None, help="JSON path (default: metrics.json beside the samples)")
+    p.set_defaults(func=_eval)
 
     p = sub.add_parser("demo", help="the main job end to end, with a report")
     p.add_argument("--preset", choices=["quick", "full"], default="quick")

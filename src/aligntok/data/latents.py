@@ -104,6 +104,28 @@ def build_cache(
     return out
 
 
+class ChannelMoments:
+    """Per-channel mean/std of (B, C, h, w) latents, accumulated in float64 over any number of batches."""
+
+    def __init__(self) -> None:
+        self.count = 0
+        self.s1: torch.Tensor | None = None
+        self.s2: torch.Tensor | None = None
+
+    def update(self, z: torch.Tensor) -> None:
+        z = z.detach().double().cpu()
+        s1, s2 = z.sum((0, 2, 3)), (z**2).sum((0, 2, 3))
+        self.s1 = s1 if self.s1 is None else self.s1 + s1
+        self.s2 = s2 if self.s2 is None else self.s2 + s2
+        self.count += z.shape[0] * z.shape[2] * z.shape[3]
+
+    def mean_std(self) -> tuple[torch.Tensor, torch.Tensor]:
+        if self.s1 is None:
+            raise ValueError("no latents were seen: the dataset is empty")
+        mean = self.s1 / self.count
+        return mean, (self.s2 / self.count - mean**2).clamp_min(1e-12).sqrt()
+
+
 def _write_meta(
     out: Path,
     *,
@@ -115,17 +137,13 @@ def _write_meta(
     flip: bool,
     dataset: Any,
 ) -> None:
-    # Per-channel statistics in float64 over every cached latent (flipped copies included: they are
-    # what the DiT trains on).
-    total, s1, s2, shape = 0, None, None, None
+    # Per-channel statistics over every cached latent (flipped copies included: they are what the DiT
+    # trains on).
+    moments = ChannelMoments()
     for i in range(num_shards):
-        z = load_file(str(_shard_path(out, i)))["latents"].double()
-        shape = list(z.shape[1:])
-        s1 = z.sum((0, 2, 3)) if s1 is None else s1 + z.sum((0, 2, 3))
-        s2 = (z**2).sum((0, 2, 3)) if s2 is None else s2 + (z**2).sum((0, 2, 3))
-        total += z.shape[0] * z.shape[2] * z.shape[3]
-    mean = s1 / total
-    std = (s2 / total - mean**2).clamp_min(1e-12).sqrt()
+        moments.update(load_file(str(_shard_path(out, i)))["latents"])
+    mean, std = moments.mean_std()
+    shape = list(load_file(str(_shard_path(out, 0)))["latents"].shape[1:])
     meta = {
         "tokenizer": {"path": str(tokenizer_dir.resolve()), "hash": tok_hash},
         "data": data,

@@ -27,6 +27,7 @@ from torch.utils.data import DataLoader
 from aligntok import distributed
 from aligntok.checkpoint import load_state, save_state
 from aligntok.config import save_json, to_dict
+from aligntok.data.latents import ChannelMoments
 from aligntok.losses import (
     VF_MARGINS,
     PerceptualLoss,
@@ -37,6 +38,7 @@ from aligntok.losses import (
     kl_loss,
     semantic_preservation_loss,
 )
+from aligntok.metrics.reconstruction import psnr
 from aligntok.models.discriminator import DiscriminatorConfig, PatchDiscriminator
 from aligntok.models.encoders import EncoderConfig, build_encoder
 from aligntok.models.tokenizer import Tokenizer, TokenizerConfig
@@ -192,12 +194,6 @@ def _validation_batch(cfg: TokenizerTrainConfig) -> Tensor:
         ds = build_dataset(cfg.data, split="train", resolution=cfg.model.image_size)
     n = min(cfg.num_val, len(ds))
     return torch.stack([ds[i]["image"] for i in range(n)])
-
-
-def psnr(x: Tensor, y: Tensor) -> Tensor:
-    """Per-image PSNR in dB of images in [0, 1] (clamped)."""
-    mse = (x.clamp(0, 1) - y.clamp(0, 1)).pow(2).flatten(1).mean(1)
-    return 10 * torch.log10(1.0 / mse.clamp_min(1e-10))
 
 
 def _train_stage(cfg: TokenizerTrainConfig, stage: StageConfig, *, out: Path) -> None:
@@ -402,7 +398,7 @@ def _validate(tokenizer: Tokenizer, ema: EMA | None, images: Tensor, path: Path)
     model.train(was_training)
     grid = make_grid(to_uint8(torch.cat([images, recon])), nrow=len(images))
     save_image(grid, path, scale=max(1, 128 // images.shape[-1]))
-    return psnr(recon, images).mean().item()
+    return psnr(recon, images).mean().item()  # clamped; +inf only for a perfect reconstruction
 
 
 def _no_pretrained(config: TokenizerConfig) -> TokenizerConfig:
@@ -420,18 +416,14 @@ def latent_statistics(tokenizer: Tokenizer, cfg: TokenizerTrainConfig) -> tuple[
     tokenizer.eval()
     dataset = build_dataset(cfg.data, split="train", resolution=cfg.model.image_size)
     loader = DataLoader(dataset, batch_size=64, num_workers=cfg.num_workers)
-    total, s1, s2 = 0, 0.0, 0.0
+    moments = ChannelMoments()
     for i, batch in enumerate(loader):
         if cfg.stats_batches is not None and i >= cfg.stats_batches:
             break
         with distributed.autocast(cfg.bf16):
-            z = tokenizer.encode(batch["image"].to(device)).double()
-        s1 = s1 + z.sum((0, 2, 3))
-        s2 = s2 + (z**2).sum((0, 2, 3))
-        total += z.shape[0] * z.shape[2] * z.shape[3]
-    mean = s1 / total
-    std = (s2 / total - mean**2).clamp_min(1e-12).sqrt()
-    return mean.float().cpu(), std.float().cpu()
+            moments.update(tokenizer.encode(batch["image"].to(device)))
+    mean, std = moments.mean_std()
+    return mean.float(), std.float()
 
 
 def stage_summary(out: str | Path) -> dict[str, Any]:
