@@ -27,8 +27,10 @@ lint: $(STAMP)
 	$(BIN)/ruff check src tests $(wildcard benchmarks)
 	$(BIN)/ruff format --check src tests $(wildcard benchmarks)
 
+# One OpenMP thread: the suite is many small ops, and on a 2-core machine shared with any other job two
+# spinning OpenMP threads per process made it 10-20x slower (docs/results.md, "Threads").
 test: setup lint
-	$(BIN)/python -m pytest -q tests
+	OMP_NUM_THREADS=1 $(BIN)/python -m pytest -q tests
 
 clean:
 	rm -rf $(VENV) .pytest_cache .ruff_cache
