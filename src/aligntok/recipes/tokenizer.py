@@ -160,20 +160,6 @@ BUDGETS: dict[str, Budget] = {
         data="emoji",
         lpips_net="alex",
     ),
-    "fashion": Budget(
-        batch_size=32,
-        stage_steps=(600, 400, 200),
-        lr=2e-4,
-        encoder_lr=2e-5,
-        gan_start=300,
-        ema_decay=0.99,
-        log_every=20,
-        val_every=100,
-        ckpt_every=100,
-        bf16=True,
-        data="fashion-mnist",
-        lpips_net="alex",
-    ),
     "debug": Budget(
         batch_size=4,
         stage_steps=(4, 4, 3),
@@ -188,6 +174,9 @@ BUDGETS: dict[str, Budget] = {
         data="emoji",
     ),
 }
+
+
+BUDGETS["fashion"] = dataclasses.replace(BUDGETS["emoji"], batch_size=32, data="fashion-mnist")
 
 
 def _aligntok_stages(b: Budget, *, sp_weight: float) -> tuple[StageConfig, ...]:
