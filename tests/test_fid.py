@@ -181,8 +181,18 @@ def test_preprocess_is_the_tf_graph_input():
     torch.testing.assert_close(y[0, :, 100, 100], torch.tensor([-1.0, 0.0, 0.9921875]))
 
 
+@pytest.fixture
+def one_thread():
+    """One intra-op thread: on a busy 2-core machine, OpenMP barriers between two threads make each of the
+    network's ~400 small-batch ops wait for a time slice (batch 1: ~5 s instead of ~0.3 s)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 @needs_inception
-def test_features_do_not_depend_on_batch_size_or_input_form():
+def test_features_do_not_depend_on_batch_size_or_input_form(one_thread):
     g = torch.Generator().manual_seed(0)
     u8 = (torch.rand(6, 3, 8, 8, generator=g) * 255).round().to(torch.uint8)  # (B, 3, H, W)
     u8 = torch.nn.functional.interpolate(u8.float(), size=32, mode="bilinear").round().to(torch.uint8)

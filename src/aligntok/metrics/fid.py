@@ -21,7 +21,7 @@ FID (Heusel et al. 2017): ||mu1 - mu2||^2 + Tr(S1 + S2 - 2 (S1 S2)^{1/2}), all i
 get Tr((S1 S2)^{1/2}) are implemented and tested to agree:
 - "eigh" (the default for statistics): S1 S2 is similar to the symmetric PSD matrix sqrt(S1) S2 sqrt(S1),
   so the trace is the sum of square roots of that matrix's eigenvalues. Symmetric eigensolvers only, no
-  complex arithmetic, no eps, exact for singular covariances (N < 2048).
+  complex arithmetic, no eps, accurate for singular covariances (N < 2048).
 - "sqrtm": scipy.linalg.sqrtm of S1 S2, as the ADM and pytorch-fid evaluators do; when the result is not
   finite, has a significant imaginary part, or does not square back to S1 S2, eps * I is added to both
   covariances (the reference implementations' fix) and a warning says so.
@@ -208,7 +208,8 @@ def extract_features(
 
     `source`: a float tensor (N, 3, H, W) in [0, 1] (rounded to uint8 first, see the module docstring), a
     uint8 tensor (N, 3, H, W), a uint8 array (N, H, W, 3), or an iterable of such batches (also dicts with
-    an "image" entry, as a DataLoader over our datasets yields). Any H, W: images go to 299 px.
+    an "image" entry, as a DataLoader over our datasets yields; they keep their own batch size). Any H, W:
+    images go to 299 px.
     `model` defaults to `InceptionFeatures.from_assets(device=device)`.
     """
     if batch_size < 1:
