@@ -42,3 +42,21 @@ def debug_tokenizer(tmp_path_factory) -> Path:
 
     torch.manual_seed(0)
     return Tokenizer(tokenizer_preset("debug")).save_pretrained(tmp_path_factory.mktemp("tok") / "export")
+
+
+@pytest.fixture
+def stub_inception(tmp_path, monkeypatch) -> None:
+    """A tiny stand-in for the FID Inception network (64-d features of a 4x4 pool), for speed, with a
+    private reference cache: features of temporary folders must not land in the user's cache."""
+    from torch import nn
+
+    from aligntok.metrics import fid
+
+    def from_assets(cls, *, device=None):
+        torch.manual_seed(0)
+        net = nn.Sequential(nn.AdaptiveAvgPool2d(4), nn.Flatten(), nn.Linear(48, 64))
+        return fid.InceptionFeatures(net, sha256="stub")
+
+    monkeypatch.setattr(fid.InceptionFeatures, "from_assets", classmethod(from_assets))
+    monkeypatch.setattr(fid, "inception_sha256", lambda: "stub")
+    monkeypatch.setattr(fid, "cache_dir", lambda: tmp_path / "fid_refs")

@@ -7,10 +7,8 @@ import math
 import numpy as np
 import pytest
 import torch
-from torch import nn
 
 from aligntok.data import ArrayImageDataset
-from aligntok.metrics import fid
 from aligntok.metrics.reconstruction import (
     SSIM_K1,
     SSIM_K2,
@@ -107,18 +105,6 @@ def test_eval_indices_are_a_seeded_sorted_subset() -> None:
     assert a != eval_indices(100, 10, seed=4)
     with pytest.raises(ValueError, match="positive"):
         eval_indices(10, 0)
-
-
-@pytest.fixture
-def stub_inception(monkeypatch) -> None:
-    """A tiny stand-in for the Inception network (64-d features of a 4x4 pool), for speed."""
-
-    def from_assets(cls, *, device=None):
-        torch.manual_seed(0)
-        net = nn.Sequential(nn.AdaptiveAvgPool2d(4), nn.Flatten(), nn.Linear(48, 64))
-        return fid.InceptionFeatures(net, sha256="stub")
-
-    monkeypatch.setattr(fid.InceptionFeatures, "from_assets", classmethod(from_assets))
 
 
 def test_rfid_through_the_real_inception_network() -> None:

@@ -11,9 +11,7 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
-from torch import nn
 
-from aligntok.metrics import fid
 from aligntok.models.encoders import EncoderConfig
 from aligntok.models.tokenizer import Tokenizer
 from aligntok.recipes.tokenizer import tokenizer_preset
@@ -50,19 +48,8 @@ def setup(tmp_path_factory) -> dict[str, Path]:
     return {"tok": tokenizer.save_pretrained(tmp / "run" / "export"), "data": _folder(tmp / "data")}
 
 
-@pytest.fixture(autouse=True)
-def stub_inception(tmp_path, monkeypatch) -> None:
-    """A tiny stand-in for the Inception network (test_recon_metrics.py runs the real one), and a private
-    reference cache: features of temporary folders must not land in the user's cache."""
-
-    def from_assets(cls, *, device=None):
-        torch.manual_seed(0)
-        net = nn.Sequential(nn.AdaptiveAvgPool2d(4), nn.Flatten(), nn.Linear(48, 64))
-        return fid.InceptionFeatures(net, sha256="stub")
-
-    monkeypatch.setattr(fid.InceptionFeatures, "from_assets", classmethod(from_assets))
-    monkeypatch.setattr(fid, "inception_sha256", lambda: "stub")
-    monkeypatch.setattr(fid, "cache_dir", lambda: tmp_path / "fid_refs")
+# Every test here uses the stand-in Inception network (test_recon_metrics.py runs the real one).
+pytestmark = pytest.mark.usefixtures("stub_inception")
 
 
 def test_reference_encoder_is_the_original_not_the_fine_tuned_one(setup) -> None:

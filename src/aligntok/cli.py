@@ -237,7 +237,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--samples", required=True, help="a folder of images or an ADM-format .npz (arr_0)")
     p.add_argument("--ref", required=True, help="emoji | fashion-mnist | an image folder | a reference .npz")
     p.add_argument("--ref-split", default="train", choices=["train", "val"])
-    p.add_argument("--num", type=int, default=None, help="use at most N images of each side")
+    p.add_argument(
+        "--num", type=int, default=None, help="use the first N samples (the whole reference is used)"
+    )
     p.add_argument("--batch-size", type=int, default=50)
     p.add_argument(
         "--bf16", action="store_true", help="bf16 Inception (see docs/metrics.md for its FID cost)"

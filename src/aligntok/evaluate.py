@@ -17,7 +17,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from aligntok.data.folder import _images_under
+from aligntok.data.folder import images_under
 from aligntok.data.images import load_image
 from aligntok.metrics import fid as F
 
@@ -34,7 +34,7 @@ class _Samples:
             path = path / "samples.npz"
         self.path = path
         if path.is_dir():
-            self.files = _images_under(path)
+            self.files = images_under(path)
             if not self.files:
                 raise F.FIDError(f"{path} holds no images; pass a folder of PNG/JPG files or an .npz")
             self.array = None

@@ -52,7 +52,7 @@ def _is_image(path: Path) -> bool:
     return path.suffix.lower() in IMAGE_SUFFIXES and not path.name.startswith(".") and path.is_file()
 
 
-def _images_under(folder: Path) -> list[Path]:
+def images_under(folder: Path) -> list[Path]:
     found = (p for p in folder.rglob("*") if _is_image(p))
     return sorted(p for p in found if not any(part.startswith(".") for part in p.relative_to(folder).parts))
 
@@ -98,7 +98,7 @@ class ImageFolderDataset(ImageDataset):
         self.name = str(folder)
         self.resolution = resolution
         class_dirs = sorted(p for p in folder.iterdir() if p.is_dir() and not p.name.startswith("."))
-        per_class = [(d.name, _images_under(d)) for d in class_dirs]
+        per_class = [(d.name, images_under(d)) for d in class_dirs]
         per_class = [(name, files) for name, files in per_class if files]
         loose = sorted(p for p in folder.iterdir() if _is_image(p))
         has_classes = bool(per_class)

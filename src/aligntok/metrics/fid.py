@@ -500,7 +500,7 @@ def _dataset_id(spec: str | Path) -> str:
     """A file-name-safe id of a dataset spec; a folder's id also hashes its path and its file listing, so
     added, removed or rewritten images give a new cache entry."""
     from aligntok.data import DATASETS
-    from aligntok.data.folder import _images_under
+    from aligntok.data.folder import images_under
 
     name = str(spec)
     if name in DATASETS:
@@ -508,7 +508,7 @@ def _dataset_id(spec: str | Path) -> str:
     folder = Path(name).expanduser().resolve()
     digest = hashlib.sha256(str(folder).encode())
     if folder.is_dir():
-        for p in _images_under(folder):
+        for p in images_under(folder):
             st = p.stat()
             digest.update(f"{p.relative_to(folder)}\0{st.st_size}\0{st.st_mtime_ns}\n".encode())
     return f"{_safe(folder.name)}-{digest.hexdigest()[:12]}"
