@@ -7,6 +7,7 @@ import io
 import json
 import pickle
 import re
+import subprocess
 import zipfile
 from pathlib import Path
 
@@ -226,3 +227,24 @@ def test_real_minilm_loads_offline(monkeypatch):
     with torch.no_grad():
         out = model(**tokenizer(["a red apple", "a car"], return_tensors="pt", padding=True))
     assert out.last_hidden_state.shape[0] == 2 and out.last_hidden_state.shape[-1] == 384
+
+
+def test_apt_download_refreshes_package_lists_once_then_retries(tmp_path, monkeypatch) -> None:
+    # A fresh Debian machine has no package lists: `apt-get download` fails until `apt-get update` ran.
+    monkeypatch.setenv("ALIGNTOK_HOME", str(tmp_path))
+    payload = b"a .deb archive"
+    pkg = assets.Package(client="apt", name="x", version="1", sha256=hashlib.sha256(payload).hexdigest())
+    calls: list[list[str]] = []
+
+    def fake_run(cmd, cwd=None, capture_output=True, text=True):
+        calls.append(cmd[:2])
+        if cmd[:2] == ["apt-get", "download"] and calls.count(["apt-get", "download"]) == 1:
+            return subprocess.CompletedProcess(cmd, 100, "", "E: Unable to locate package x")
+        if cmd[:2] == ["apt-get", "download"]:
+            (Path(cwd) / "x_1_all.deb").write_bytes(payload)
+        return subprocess.CompletedProcess(cmd, 0, "", "")
+
+    monkeypatch.setattr(assets.subprocess, "run", fake_run)
+    monkeypatch.setattr(assets.shutil, "which", lambda exe: f"/usr/bin/{exe}")
+    assert assets.download(pkg).read_bytes() == payload
+    assert calls == [["apt-get", "download"], ["apt-get", "update"], ["apt-get", "download"]]

@@ -88,6 +88,10 @@ def download(pkg: Package) -> Path:
     with tempfile.TemporaryDirectory(dir=downloads, prefix=".tmp-") as tmp:
         cmd = _client_command(pkg, Path(tmp))
         result = subprocess.run(cmd, cwd=tmp, capture_output=True, text=True)
+        if result.returncode != 0 and pkg.client == "apt":
+            # A fresh machine may have no package lists yet: refresh them once and retry.
+            subprocess.run(["apt-get", "update", "-qq"], capture_output=True, text=True)
+            result = subprocess.run(cmd, cwd=tmp, capture_output=True, text=True)
         files = [p for p in Path(tmp).iterdir() if p.is_file()]
         if result.returncode != 0 or len(files) != 1:
             detail = (result.stderr or result.stdout).strip().splitlines()[-1:] or ["no file was written"]
