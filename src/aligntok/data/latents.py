@@ -141,9 +141,10 @@ def _write_meta(
     # trains on).
     moments = ChannelMoments()
     for i in range(num_shards):
-        moments.update(load_file(str(_shard_path(out, i)))["latents"])
+        z = load_file(str(_shard_path(out, i)))["latents"]
+        moments.update(z)
     mean, std = moments.mean_std()
-    shape = list(load_file(str(_shard_path(out, 0)))["latents"].shape[1:])
+    shape = list(z.shape[1:])
     meta = {
         "tokenizer": {"path": str(tokenizer_dir.resolve()), "hash": tok_hash},
         "data": data,

@@ -166,7 +166,7 @@ def train_dit(cfg: DiTTrainConfig, *, latents: str | Path, out: str | Path, resu
                 f"loss {loss_value:.4g} at step {step} is NaN/inf or above {cfg.spike_factor}x its running "
                 f"mean {guard.mean}"
             )
-            if cfg.on_spike == "stop" or guard.skips > cfg.max_consecutive_skips:
+            if cfg.on_spike == "stop" or guard.skips > guard.max_skips:
                 raise RuntimeError(
                     f"{msg}; training stopped. Resume from {ckpt_path} with a lower lr, "
                     "--set qk_norm=true or bf16=false"

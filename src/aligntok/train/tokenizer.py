@@ -18,7 +18,7 @@ import math
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal
+from typing import Literal
 
 import torch
 from torch import Tensor, nn
@@ -220,6 +220,7 @@ def _train_stage(cfg: TokenizerTrainConfig, stage: StageConfig, *, out: Path) ->
         param_groups.append({"params": list(vf.projection.parameters()), "lr": stage.lr, "name": "vf"})
     base_lrs = [g["lr"] for g in param_groups]
     opt = torch.optim.AdamW(param_groups, betas=cfg.betas, weight_decay=cfg.weight_decay)
+    trained = [p for g in param_groups for p in g["params"]]
     use_gan = stage.gan_weight > 0
     disc = PatchDiscriminator(cfg.disc).to(device) if use_gan else None
     opt_d = (
@@ -310,7 +311,6 @@ def _train_stage(cfg: TokenizerTrainConfig, stage: StageConfig, *, out: Path) ->
             total = total + weight * losses["g"]
         opt.zero_grad(set_to_none=True)
         total.backward()
-        trained = [p for g in opt.param_groups for p in g["params"]]
         grad_norm = torch.nn.utils.clip_grad_norm_(trained, cfg.grad_clip)
         if not math.isfinite(total.item()):
             raise RuntimeError(
@@ -390,7 +390,7 @@ def _validate(tokenizer: Tokenizer, ema: EMA | None, images: Tensor, path: Path)
     """PSNR on the fixed validation batch, and a grid of originals over reconstructions (EMA weights)."""
     model = tokenizer
     if ema is not None:
-        model = Tokenizer(_no_pretrained(tokenizer.config)).to(images.device)
+        model = Tokenizer(tokenizer.export_config()).to(images.device)  # no weights folder read
         ema.copy_to(model)
     was_training = model.training
     model.eval()
@@ -399,12 +399,6 @@ def _validate(tokenizer: Tokenizer, ema: EMA | None, images: Tensor, path: Path)
     grid = make_grid(to_uint8(torch.cat([images, recon])), nrow=len(images))
     save_image(grid, path, scale=max(1, 128 // images.shape[-1]))
     return psnr(recon, images).mean().item()  # clamped; +inf only for a perfect reconstruction
-
-
-def _no_pretrained(config: TokenizerConfig) -> TokenizerConfig:
-    import dataclasses
-
-    return dataclasses.replace(config, encoder=dataclasses.replace(config.encoder, pretrained=False))
 
 
 @torch.no_grad()
@@ -424,19 +418,3 @@ def latent_statistics(tokenizer: Tokenizer, cfg: TokenizerTrainConfig) -> tuple[
             moments.update(tokenizer.encode(batch["image"].to(device)))
     mean, std = moments.mean_std()
     return mean.float(), std.float()
-
-
-def stage_summary(out: str | Path) -> dict[str, Any]:
-    """Last validation PSNR and wall time of each stage of a run (for reports)."""
-    from aligntok.train.common import read_log
-
-    summary = {}
-    for sdir in sorted(Path(out).glob("stage-*")):
-        records = read_log(sdir / "log.jsonl")
-        val = [r for r in records if "val_psnr" in r]
-        summary[sdir.name.removeprefix("stage-")] = {
-            "val_psnr": val[-1]["val_psnr"] if val else None,
-            "steps": val[-1]["step"] if val else None,
-            "wall_s": records[-1]["time"] if records else None,
-        }
-    return summary
