@@ -56,7 +56,7 @@ def emoji() -> TokenizerConfig:
         # 16 channels: 32 px used 8x8x8 (DESIGN.md); 4x the pixels at the same grid get 2x the channels.
         latent_channels=16,
         # Width halves as resolution doubles (256@8 .. 32@64 px): each level costs about the same. One
-        # residual block per level (num_res_blocks=0) halves the cost of two; the decoder is what a CPU step
+        # residual block per level (num_res_blocks=0) costs ~70% of two; the decoder is what a CPU step
         # spends most on (docs/training.md).
         decoder=DecoderConfig(
             z_channels=16, ch=32, ch_mult=(1, 2, 4, 8), num_res_blocks=0, attn_resolutions=(8,)
