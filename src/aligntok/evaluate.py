@@ -174,3 +174,99 @@ def evaluate(
         print(f"| {name} | {_fmt(value)} |")
     print(f"metrics written to {out_path}")
     return result
+
+
+def _same_sampling(out: Path, wanted: dict[str, Any]) -> bool:
+    """Whether `out` already holds the complete samples of these settings (a rerun then skips sampling)."""
+    try:
+        done = json.loads((out / "sampling.json").read_text())
+        with np.load(out / "samples.npz") as f:
+            complete = f["arr_0"].shape[0] == wanted["num"]
+    except (OSError, ValueError, KeyError):  # missing, or cut short by an interruption: sample again
+        return False
+    return complete and all(done.get(k) == v for k, v in wanted.items())
+
+
+def generation_fid(
+    dit_dir: str | Path,
+    *,
+    data: str | Path,
+    out: str | Path,
+    num: int,
+    steps: int = 30,
+    cfg_scale: float = 1.0,
+    interval: tuple[float, float] = (0.0, 1.0),
+    seed: int = 0,
+    ref_num: int | None = None,
+    tokenizer_dir: str | Path | None = None,
+    bf16: bool = False,
+    save_pngs: bool = False,
+) -> dict[str, Any]:
+    """gFID of `num` class-balanced samples of a DiT against the training images of `data`.
+
+    The reference is the whole train split or `ref_num` of it (a seeded subset); its features are cached.
+    Samples go to `out` (`samples.npz`, `grid.png`, `sampling.json`) and the result to `out/fid.json`; a
+    rerun with the same settings reuses both, so interrupted studies resume. `bf16` is the Inception's
+    autocast (docs/metrics.md: it moved FID by 0.14% on emoji) and the DiT's.
+    """
+    from aligntok.generate import generate
+
+    out = Path(out)
+    wanted = {"num": num, "steps": steps, "cfg": cfg_scale, "interval": list(interval), "seed": seed}
+    wanted["dit"] = str(Path(dit_dir).resolve())
+    result_path = out / "fid.json"
+    if _same_sampling(out, wanted):
+        if result_path.is_file():
+            result = json.loads(result_path.read_text())
+            if result.get("ref_num_asked") == ref_num and result.get("bf16") == bf16:
+                return result
+    else:
+        result_path.unlink(missing_ok=True)
+        generate(
+            dit_dir=dit_dir,
+            num=num,
+            out=out,
+            steps=steps,
+            cfg_scale=cfg_scale,
+            interval=interval,
+            tokenizer_dir=tokenizer_dir,
+            seed=seed,
+            bf16=bf16,
+            save_pngs=save_pngs,
+        )
+    images = F.npz_images(out / "samples.npz")
+    model = F.InceptionFeatures.from_assets()
+    fake = F.extract_features(images, bf16=bf16, model=model)
+    ref = F.reference_features(
+        data, split="train", resolution=images.shape[1], num=ref_num, seed=0, bf16=bf16, model=model
+    )
+    result = {
+        "fid": float(F.fid_from_stats(F.stats_from_features(ref), F.stats_from_features(fake))),
+        "num_samples": len(fake),
+        "num_ref": len(ref.pool),
+        "ref_num_asked": ref_num,
+        "bf16": bf16,
+        **wanted,
+    }
+    result_path.write_text(json.dumps(result, indent=2) + "\n")
+    return result
+
+
+def fid_floor(
+    data: str | Path, *, num: int, resolution: int, ref_num: int | None = None, bf16: bool = False
+) -> dict[str, Any]:
+    """The real-vs-real floor of `generation_fid`: FID of `num` real images against the same reference.
+
+    The real images are a seeded subset of the val split when it holds `num`, else of the train split (then
+    they may overlap the reference, which makes the floor optimistic; `split` in the result says which).
+    A generated set cannot be expected to score below this at the same sample count.
+    """
+    from aligntok.data import build_dataset
+
+    split = "val" if len(build_dataset(data, split="val", resolution=resolution)) >= num else "train"
+    model = F.InceptionFeatures.from_assets()
+    kw: dict[str, Any] = {"resolution": resolution, "bf16": bf16, "model": model}
+    real = F.reference_features(data, split=split, num=num, seed=1, **kw)
+    ref = F.reference_features(data, split="train", num=ref_num, seed=0, **kw)
+    fid = F.fid_from_stats(F.stats_from_features(ref), F.stats_from_features(real))
+    return {"fid": float(fid), "num": len(real.pool), "split": split, "num_ref": len(ref.pool)}

@@ -19,7 +19,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset, Subset
 from tqdm.auto import tqdm
@@ -228,16 +227,6 @@ SCORE_BUDGETS: dict[str, ScoreBudget] = {
 }
 
 
-def _samples_complete(npz: Path, num: int) -> bool:
-    if not npz.is_file():
-        return False
-    try:
-        with np.load(npz) as f:
-            return f["arr_0"].shape[0] == num
-    except (OSError, ValueError, KeyError):  # a file cut short by an interruption: sample again
-        return False
-
-
 def score_tokenizer(
     tokenizer_dir: str | Path,
     data: str | Path,
@@ -251,14 +240,13 @@ def score_tokenizer(
 
     Under `out`: `latents/` (the train split with flips), `dit/` (the run), `samples/` (no guidance),
     `score.json`. Rerunning resumes: the cache skips finished shards, training resumes from its checkpoint,
-    sampling is skipped when `samples/samples.npz` is complete. gFID is against the training images
+    sampling and its FID are skipped when `samples/` holds them. gFID is against the training images
     (`ref_num` of them, a seeded subset). `wall_s` is the time of this call.
     """
     from aligntok.config import apply_overrides
     from aligntok.data import build_dataset
     from aligntok.data.latents import build_cache
-    from aligntok.generate import generate
-    from aligntok.metrics.fid import extract_features, fid_from_stats, reference_features, stats_from_features
+    from aligntok.evaluate import generation_fid
     from aligntok.recipes.dit import dit_train_recipe
     from aligntok.train.dit import train_dit
 
@@ -278,24 +266,18 @@ def score_tokenizer(
     cache = build_cache(tokenizer_dir=tokenizer_dir, data=str(data), out=out / "latents", flip=True)
     cfg = apply_overrides(dit_train_recipe(plan.dit_recipe), [f"steps={plan.dit_steps}", f"seed={seed}"])
     export = train_dit(cfg, latents=cache, out=out / "dit", resume=True)
-    samples = out / "samples"
-    if not _samples_complete(samples / "samples.npz", plan.num_samples):
-        generate(
-            dit_dir=export,
-            num=plan.num_samples,
-            out=samples,
-            steps=plan.sample_steps,
-            cfg_scale=1.0,
-            tokenizer_dir=tokenizer_dir,
-            seed=seed,
-            save_pngs=False,
-        )
-    with np.load(samples / "samples.npz") as f:
-        images = f["arr_0"]
-    fake = stats_from_features(extract_features(images))
     ref_num = plan.ref_num if plan.ref_num is not None and plan.ref_num < len(train) else None
-    ref = reference_features(data, split="train", resolution=resolution, num=ref_num, seed=0)
-    gfid = float(fid_from_stats(stats_from_features(ref), fake))
+    fid = generation_fid(
+        export,
+        data=data,
+        out=out / "samples",
+        num=plan.num_samples,
+        steps=plan.sample_steps,
+        tokenizer_dir=tokenizer_dir,
+        seed=seed,
+        ref_num=ref_num,
+    )
+    gfid = fid["fid"]
 
     result: dict[str, Any] = {
         "tokenizer": str(Path(tokenizer_dir).resolve()),
@@ -312,7 +294,7 @@ def score_tokenizer(
         "dit_steps": cfg.steps,
         "num_samples": plan.num_samples,
         "sample_steps": plan.sample_steps,
-        "num_ref_images": len(ref.pool),
+        "num_ref_images": fid["num_ref"],
         "wall_s": round(time.time() - t0, 2),
     }
     if not all(math.isfinite(result[k]) for k in ("probe_balanced", "cknna", "gfid")):
