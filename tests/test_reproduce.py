@@ -1,0 +1,76 @@
+"""benchmarks/reproduce.py: the study's bookkeeping on debug models, a tiny image folder and a stand-in
+Inception (the real runs are in docs/results.md)."""
+
+from __future__ import annotations
+
+import importlib.util
+import math
+import sys
+from pathlib import Path
+
+import pytest
+from safetensors.torch import load_file
+
+from conftest import make_image_folder
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _module():
+    spec = importlib.util.spec_from_file_location("reproduce", ROOT / "benchmarks" / "reproduce.py")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # dataclasses look their module up while the file runs
+    spec.loader.exec_module(module)
+    return module
+
+
+rep = _module()
+
+
+def test_steps_to_reach_interpolates_between_checkpoints() -> None:
+    curve = {100: 200.0, 200: 150.0, 400: 100.0}
+    assert rep.steps_to_reach(curve, 250.0) == 100.0  # reached at the first checkpoint
+    assert rep.steps_to_reach(curve, 125.0) == pytest.approx(300.0)  # halfway from 150 to 100
+    assert rep.steps_to_reach(curve, 150.0) == 200.0
+    assert rep.steps_to_reach(curve, 99.0) is None
+
+
+def test_recipes_share_the_budget_and_blur_trains_less() -> None:
+    budget = rep.BUDGETS["short"]
+    total = sum(budget.stage_steps)
+    steps = {
+        name: [s.steps for s in rep.tokenizer_recipe(name, "emoji", budget).stages] for name in rep.TOKENIZERS
+    }
+    assert steps["aligntok"] == steps["aligntok_wsp0"] == list(budget.stage_steps)
+    assert steps["aligntok_stage1"] == steps["vae"] == steps["vavae"] == [total]
+    assert steps["vae_blur"] == [round(total * budget.blur_fraction)] and steps["vae_blur"][0] < total
+    models = {name: rep.tokenizer_recipe(name, "emoji", budget).model for name in rep.TOKENIZERS}
+    assert len({(m.latent_channels, m.image_size, str(m.decoder)) for m in models.values()}) == 1
+    assert rep.tokenizer_recipe("vae", "fashion-mnist", budget).data == "fashion-mnist"
+
+
+@pytest.mark.slow
+def test_study_reuses_stage1_and_reports_every_checkpoint(tmp_path, stub_inception) -> None:
+    data = str(make_image_folder(tmp_path / "shapes", per_class=20))
+    budget = rep.BUDGETS["debug"]
+    out = tmp_path / "study"
+    first = rep.study_tokenizer("aligntok", data, budget, out)
+    wsp0 = rep.study_tokenizer("aligntok_wsp0", data, budget, out)
+    stage1 = [
+        out / n / "tokenizer" / "stage-1" / "export" / "model.safetensors"
+        for n in ("aligntok", "aligntok_wsp0")
+    ]
+    a, b = load_file(stage1[0]), load_file(stage1[1])
+    assert a.keys() == b.keys() and all((a[k] == b[k]).all() for k in a)  # one stage 1, two stage 2s
+    for result in (first, wsp0):
+        assert set(result["gfid"]) == set(result["gfid_nocfg"]) == {str(c) for c in budget.checkpoints}
+        assert all(math.isfinite(v) for v in result["gfid"].values())
+        assert set(result["cfg_sweep"]) == {f"{w:g}" for w in budget.cfg_sweep}
+        assert set(result["sampling_steps_sweep"]) == {str(s) for s in budget.steps_sweep}
+    # aligntok is trained with budget.seeds DiT seeds; the mean is what "gfid" reports.
+    seeds = first["gfid_seeds"][str(budget.checkpoints[-1])]
+    assert len(seeds) == budget.seeds and len(wsp0["gfid_seeds"][str(budget.checkpoints[-1])]) == 1
+    assert first["gfid"][str(budget.checkpoints[-1])] == pytest.approx(sum(seeds) / len(seeds))
+    # A rerun finds everything done and returns the same numbers.
+    again = rep.study_tokenizer("aligntok", data, budget, out)
+    assert again["gfid"] == first["gfid"] and again["probe"] == first["probe"]
