@@ -143,7 +143,7 @@ def run_demo(preset: str = "quick", out: str | Path = "runs/demo") -> Path:
     """Run the demo `preset` into `out` (resuming what is there); returns the report's index.html."""
     from aligntok import assets
     from aligntok.config import apply_overrides
-    from aligntok.data import fetch_dataset
+    from aligntok.data import DATASETS, fetch_dataset
     from aligntok.data.latents import build_cache
     from aligntok.evaluate import fid_floor, generation_fid
     from aligntok.recipes.dit import dit_train_recipe
@@ -168,7 +168,8 @@ def run_demo(preset: str = "quick", out: str | Path = "runs/demo") -> Path:
         # The encoder, the FID network, LPIPS VGG (the metric) and AlexNet (the emoji recipes' loss).
         for name in ("efficientnet-lite0", "fid-inception", "lpips-vgg16", "lpips-alexnet"):
             assets.fetch(name)
-        fetch_dataset(p.data)
+        if p.data in DATASETS:  # an image folder needs no fetching
+            fetch_dataset(p.data)
 
     steps.run("assets and data", fetch)
     tok = steps.run(
