@@ -77,18 +77,18 @@ class Budget:
 
 
 BUDGETS = {
-    # About an hour per dataset on 2 CPU cores: the shape of the study, with sample counts far below what
+    # About an hour per dataset on one CPU core: the shape of the study, with sample counts far below what
     # separates close FIDs (see the floor it reports).
     "short": Budget(
         stage_steps=(200, 60, 40),
         blur_fraction=0.25,
         eval_num=200,
         flip=False,
-        dit_steps=400,
-        checkpoints=(200, 400),
+        dit_steps=300,
+        checkpoints=(150, 300),
         dit_ema_decay=0.99,
         seeds=2,
-        num_samples=300,
+        num_samples=250,
         ref_num=2000,
         cfg=3.0,
         cfg_sweep=(1.5, 3.0, 5.0),
@@ -222,12 +222,14 @@ def study_tokenizer(name: str, dataset: str, budget: Budget, out: Path) -> dict[
             gfid_nocfg[c].append(
                 generation_fid(export, out=samples / "cfg1", steps=budget.sample_steps, **common)["fid"]
             )
+    # The sweeps at the last checkpoint (seed 0); a setting already measured there is read, not redone.
     last = out / name / "dit-seed0" / "exports" / f"step-{budget.checkpoints[-1]:07d}"
-    sweep_dir = out / name / "samples" / "sweep"
+    done = out / name / "samples" / f"seed0-step{budget.checkpoints[-1]}"
+    sweep = out / name / "samples" / "sweep"
     cfg_sweep = {
         f"{w:g}": generation_fid(
             last,
-            out=sweep_dir / f"cfg{w:g}",
+            out=done / f"cfg{w:g}" if w == budget.cfg else sweep / f"cfg{w:g}",
             steps=budget.sample_steps,
             cfg_scale=w,
             interval=(0.0, 0.9),
@@ -236,7 +238,9 @@ def study_tokenizer(name: str, dataset: str, budget: Budget, out: Path) -> dict[
         for w in budget.cfg_sweep
     }
     steps_sweep = {
-        str(s): generation_fid(last, out=sweep_dir / f"steps{s}", steps=s, **common)["fid"]
+        str(s): generation_fid(
+            last, out=done / "cfg1" if s == budget.sample_steps else sweep / f"steps{s}", steps=s, **common
+        )["fid"]
         for s in budget.steps_sweep
     }
     return {

@@ -71,6 +71,12 @@ def test_study_reuses_stage1_and_reports_every_checkpoint(tmp_path, stub_incepti
     seeds = first["gfid_seeds"][str(budget.checkpoints[-1])]
     assert len(seeds) == budget.seeds and len(wsp0["gfid_seeds"][str(budget.checkpoints[-1])]) == 1
     assert first["gfid"][str(budget.checkpoints[-1])] == pytest.approx(sum(seeds) / len(seeds))
+    # The sweeps reuse what the checkpoints measured (the same samples) instead of sampling again.
+    assert first["cfg_sweep"][f"{budget.cfg:g}"] == seeds[0]
+    assert (
+        first["sampling_steps_sweep"][str(budget.sample_steps)]
+        == first["gfid_nocfg_seeds"][str(budget.checkpoints[-1])][0]
+    )
     # A rerun finds everything done and returns the same numbers.
     again = rep.study_tokenizer("aligntok", data, budget, out)
     assert again["gfid"] == first["gfid"] and again["probe"] == first["probe"]
