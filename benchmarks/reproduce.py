@@ -77,8 +77,8 @@ class Budget:
 
 
 BUDGETS = {
-    # About an hour per dataset on one CPU core: the shape of the study, with sample counts far below what
-    # separates close FIDs (see the floor it reports).
+    # About an hour and a half per dataset on one CPU core: the shape of the study, one DiT seed, with sample
+    # counts far below what separates close FIDs (see the floor it reports).
     "short": Budget(
         stage_steps=(200, 60, 40),
         blur_fraction=0.25,
@@ -87,7 +87,7 @@ BUDGETS = {
         dit_steps=300,
         checkpoints=(150, 300),
         dit_ema_decay=0.99,
-        seeds=2,
+        seeds=1,
         num_samples=250,
         ref_num=2000,
         cfg=3.0,
