@@ -8,7 +8,8 @@ Layout of a cache directory:
                               (hash of its export), dataset, latent shape, classes, per-channel mean/std
 
 Shards are written atomically and independently, so an interrupted run resumes where it stopped, and
-under torchrun rank r encodes shards r, r + world, ... . The identity check refuses to mix a cache with
+under torchrun rank r encodes shards r, r + world, ... (from WebDataset shards: latent shard i encodes input
+shard i, streamed). The identity check refuses to mix a cache with
 another tokenizer: latents are only meaningful to the decoder that made them.
 """
 
@@ -28,6 +29,7 @@ from tqdm.auto import tqdm
 
 from aligntok import distributed
 from aligntok.checkpoint import export_hash
+from aligntok.data.shards import ShardDataset
 
 META = "meta.json"
 
@@ -64,14 +66,20 @@ def build_cache(
         return out
     tokenizer = Tokenizer.from_pretrained(tokenizer_dir).to(world.device).eval()
     dataset = build_dataset(data, split=split, resolution=tokenizer.config.image_size)
-    num_shards = math.ceil(len(dataset) / shard_size)
+    if isinstance(dataset, ShardDataset):  # streamed: latent shard i holds input shard i
+        num_shards, part = dataset.num_shards, dataset.shard
+    else:
+        num_shards = math.ceil(len(dataset) / shard_size)
+
+        def part(i: int) -> Subset:
+            return Subset(dataset, range(i * shard_size, min(len(dataset), (i + 1) * shard_size)))
+
     out.mkdir(parents=True, exist_ok=True)
     todo = [i for i in range(world.rank, num_shards, world.world_size) if not _shard_path(out, i).exists()]
     bar = tqdm(total=len(todo), desc="encoding shards", disable=not world.is_main)
     for i in todo:
-        part = Subset(dataset, range(i * shard_size, min(len(dataset), (i + 1) * shard_size)))
         tensors: dict[str, list[torch.Tensor]] = {"latents": [], "labels": [], "indices": [], "flipped": []}
-        for batch in DataLoader(part, batch_size=batch_size, num_workers=num_workers):
+        for batch in DataLoader(part(i), batch_size=batch_size, num_workers=num_workers):
             images = batch["image"].to(world.device)
             views = [(images, 0), (images.flip(-1), 1)] if flip else [(images, 0)]
             for view, flipped in views:

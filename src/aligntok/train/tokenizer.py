@@ -15,6 +15,7 @@ Run directory:
 
 from __future__ import annotations
 
+import itertools
 import math
 import time
 from dataclasses import dataclass, field
@@ -36,6 +37,7 @@ from aligntok.checkpoint import (
 )
 from aligntok.config import save_json, to_dict
 from aligntok.data.latents import ChannelMoments
+from aligntok.data.shards import ShardDataset
 from aligntok.losses import (
     VF_MARGINS,
     PerceptualLoss,
@@ -146,6 +148,8 @@ def train_tokenizer(
     if stage != "all" and stage not in names:
         raise ValueError(f"--stage {stage!r} is not in this recipe; its stages: {', '.join(names)} or all")
     world = distributed.init()
+    if cfg.batch_size % world.world_size:
+        raise ValueError(f"batch_size {cfg.batch_size} must divide by the {world.world_size} ranks")
     if world.is_main:
         out.mkdir(parents=True, exist_ok=True)
         save_json(cfg, out / "config.json")
@@ -204,7 +208,8 @@ def _validation_batch(cfg: TokenizerTrainConfig) -> Tensor:
     except ValueError:
         ds = build_dataset(cfg.data, split="train", resolution=cfg.model.image_size)
     n = min(cfg.num_val, len(ds))
-    return torch.stack([ds[i]["image"] for i in range(n)])
+    items = itertools.islice(ds, n) if isinstance(ds, ShardDataset) else (ds[i] for i in range(n))
+    return torch.stack([item["image"] for item in items])
 
 
 class Autoencoder(nn.Module):
@@ -298,16 +303,14 @@ def _train_stage(cfg: TokenizerTrainConfig, stage: StageConfig, *, out: Path) ->
         _carry_discriminator(cfg, stage, out, disc)
 
     dataset = build_dataset(cfg.data, split="train", resolution=cfg.model.image_size)
-    sampler = StepBatchSampler(
-        n=len(dataset),
-        batch=cfg.batch_size,
-        seed=cfg.seed + 1000 * _index(cfg, stage),
-        start=step,
-        stop=stage.steps,
-        rank=world.rank,
-        world=world.world_size,
-    )
-    loader = DataLoader(dataset, batch_sampler=sampler, num_workers=cfg.num_workers)
+    order = {"seed": cfg.seed + 1000 * _index(cfg, stage), "start": step, "stop": stage.steps}
+    order |= {"rank": world.rank, "world": world.world_size}
+    if isinstance(dataset, ShardDataset):  # streamed: each rank reads its own shards
+        batch_size = cfg.batch_size // world.world_size
+        loader = dataset.loader(batch=batch_size, num_workers=cfg.num_workers, **order)
+    else:
+        sampler = StepBatchSampler(n=len(dataset), batch=cfg.batch_size, **order)
+        loader = DataLoader(dataset, batch_sampler=sampler, num_workers=cfg.num_workers)
     val_images = _validation_batch(cfg).to(device) if world.is_main else None
     log = JsonlLog(sdir / "log.jsonl")
     if world.is_main:
