@@ -237,7 +237,7 @@ def save_training_state(
         shutil.rmtree(tmp, ignore_errors=True)  # a save interrupted earlier
     distributed.barrier()
     with _quiet_single_process():
-        dcp.save(tensors, checkpoint_id=tmp, no_dist=distributed.world().world_size == 1)
+        dcp.save(tensors, checkpoint_id=tmp, no_dist=not torch.distributed.is_initialized())
     if distributed.world().is_main:
         torch.save(state, tmp / TRAIN_STATE)
         shutil.rmtree(final, ignore_errors=True)
@@ -262,6 +262,6 @@ def load_training_tensors(path: str | Path, tensors: dict[str, Any]) -> None:
 
     try:
         with _quiet_single_process():
-            dcp.load(tensors, checkpoint_id=Path(path), no_dist=distributed.world().world_size == 1)
+            dcp.load(tensors, checkpoint_id=Path(path), no_dist=not torch.distributed.is_initialized())
     except Exception as e:  # DCP wraps every reader failure in its own CheckpointException
         raise ValueError(f"{path}: cannot load this training state ({e}); delete it to restart") from None

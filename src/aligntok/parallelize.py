@@ -15,7 +15,9 @@ block and finally on the root.
   (`MixedPrecisionPolicy(param_dtype=bfloat16)`, half the traffic) and gradients reduced in fp32. Inputs are
   not cast (`cast_forward_inputs=False`): the DiT's timestep t and RoPE tables stay fp32 (t in bf16 keeps
   ~3 significant digits). The root (embedders, final layer, adapter, decoder stem) keeps fp32 parameters.
-- A world of one runs unwrapped whatever the mode: there is nothing to synchronise.
+- A single process without torchrun runs unwrapped whatever the mode (there is nothing to synchronise, and
+  no process group to do it with); under torchrun an explicit "ddp" or "fsdp" applies even to one rank, so
+  that the code path can be checked on one GPU.
 """
 
 from __future__ import annotations
@@ -49,11 +51,12 @@ class ParallelConfig:
             raise ValueError(f"parallel.mode={self.mode!r}; use one of {', '.join(MODES)}")
 
 
-def resolve_mode(mode: str, world_size: int) -> str:
-    """The mode that runs: "none" for a world of one, "ddp" for "auto" on several ranks."""
+def resolve_mode(mode: str, world_size: int, *, process_group: bool) -> str:
+    """The mode that runs: "auto" is "none" on one rank and "ddp" on several; without a process group
+    (a plain process, not torchrun) every mode is "none"."""
     if mode not in MODES:
         raise ValueError(f"parallel.mode={mode!r}; use one of {', '.join(MODES)}")
-    if world_size == 1:
+    if not process_group or (mode == "auto" and world_size == 1):
         return "none"
     return "ddp" if mode == "auto" else mode
 
@@ -78,7 +81,7 @@ def parallelize(model: nn.Module, cfg: ParallelConfig, *, bf16: bool = False) ->
     parameters by DTensor shards).
     """
     world = distributed.world()
-    mode = resolve_mode(cfg.mode, world.world_size)
+    mode = resolve_mode(cfg.mode, world.world_size, process_group=torch.distributed.is_initialized())
     for blocks in _outer_module_lists(model):
         for i, block in enumerate(blocks):
             if not _trains(block):
