@@ -25,6 +25,7 @@ from aligntok.checkpoint import latest_checkpoint, read_training_state
 from aligntok.config import apply_overrides
 from aligntok.data.latents import LatentCache, build_cache
 from aligntok.generate import generate
+from aligntok.models.tokenizer import Tokenizer
 from aligntok.parallelize import full_state
 from aligntok.recipes.dit import dit_train_recipe
 from aligntok.recipes.tokenizer import tokenizer_train_recipe
@@ -132,8 +133,10 @@ def test_dit_step_on_2_ranks_equals_one_process(cache, tmp_path) -> None:
 
 
 def _tok_cfg(mode: str):
-    # One step per stage with the GAN on from the start, so that every loss term and both optimizers act.
+    # One step per stage with the GAN on from the start, so that every loss term and both optimizers act;
+    # FSDP2 with activation checkpointing (of the trained encoder blocks and decoder levels).
     sets = ["stages.0.gan_start=0", "lpips_net=alex", f"parallel.mode={mode}"]
+    sets += [f"parallel.activation_checkpointing={json.dumps(mode == 'fsdp')}"]
     return apply_overrides(tokenizer_train_recipe("debug"), sets + [f"stages.{i}.steps=1" for i in range(3)])
 
 
@@ -168,6 +171,14 @@ def test_tokenizer_step_of_each_stage_on_2_ranks_equals_one_process(image_folder
             want = read_log(ref / f"stage-{k}" / "log.jsonl")[0]
             for key in ("loss", "l1", "lpips", "g", "d", "gan_weight") + (("sp",) if k == "2" else ()):
                 assert got[key] == pytest.approx(want[key], rel=1e-5, abs=1e-7), (mode, k, key)
+        # After the last stage both ranks encode half the training set for the latent statistics; stage 3
+        # leaves encoder and adapter as stage 2 made them, so the statistics are the one process's.
+        a, b = (
+            Tokenizer.from_pretrained(ref / "export"),
+            Tokenizer.from_pretrained(tmp_path / mode / "3" / "export"),
+        )
+        torch.testing.assert_close(a.latent_mean, b.latent_mean, rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(a.latent_std, b.latent_std, rtol=1e-5, atol=1e-6)
 
 
 class _Interrupt(Exception):

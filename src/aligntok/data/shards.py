@@ -163,10 +163,12 @@ class ShardDataset(IterableDataset):
                 if item is not None:
                     yield item
 
-    def shard(self, i: int) -> ShardDataset:
-        """Shard i alone, as a dataset (the latent cache encodes input shard i into latent shard i)."""
+    def subset(self, shards: list[int]) -> ShardDataset:
+        """The shards numbered `shards` alone, as a dataset."""
         part = ShardDataset.__new__(ShardDataset)
-        part.__dict__.update(self.__dict__, shards=[self.shards[i]], sizes=[self.sizes[i]])
+        part.__dict__.update(
+            self.__dict__, shards=[self.shards[i] for i in shards], sizes=[self.sizes[i] for i in shards]
+        )
         return part
 
     def __iter__(self) -> Iterator[dict[str, Any]]:

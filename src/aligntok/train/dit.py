@@ -164,8 +164,6 @@ def train_dit(cfg: DiTTrainConfig, *, latents: str | Path, out: str | Path, resu
     opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, betas=cfg.betas, weight_decay=cfg.weight_decay)
     guard = SpikeGuard(cfg.spike_factor, cfg.max_consecutive_skips)
     gen = torch.Generator(device).manual_seed(cfg.seed * 7919)  # the same on every rank: draw_step_noise
-    data = cache.normalized()
-    labels = cache.labels
     null_class = cache.num_classes
     step = 0
     if world.is_main:
@@ -189,10 +187,10 @@ def train_dit(cfg: DiTTrainConfig, *, latents: str | Path, out: str | Path, resu
     t0, seen = time.time(), 0
     while step < cfg.steps:
         idx = batch_indices(
-            step, n=len(data), batch=cfg.batch_size, seed=cfg.seed, rank=world.rank, world=world.world_size
+            step, n=len(cache), batch=cfg.batch_size, seed=cfg.seed, rank=world.rank, world=world.world_size
         )
-        z0 = data[idx].to(device)
-        y = labels[idx].to(device)
+        z0 = cache.normalize(cache.rows(idx)).to(device)  # this rank's rows only are read
+        y = cache.labels[idx].to(device)
         shape = (cfg.batch_size, *z0.shape[1:])
         noise = tuple(a.chunk(world.world_size)[world.rank] for a in draw_step_noise(gen, cfg, shape, device))
         for group in opt.param_groups:

@@ -168,11 +168,13 @@ def train_tokenizer(
     if stage != "all" and stage != names[-1]:
         return _stage_dir(out, todo[0]) / "export"
     final = out / "export"
-    if world.is_main and not _export_done(final):
+    if not _export_done(final):  # every rank sees the same: rank 0 writes only after the collective below
         tokenizer = Tokenizer.from_pretrained(last).to(world.device)
         mean, std = latent_statistics(tokenizer, cfg)
-        tokenizer.set_latent_stats(mean, std)
-        tokenizer.save_pretrained(final, extra_meta={"trained": {"recipe_stages": names, "data": cfg.data}})
+        if world.is_main:
+            tokenizer.set_latent_stats(mean, std)
+            meta = {"trained": {"recipe_stages": names, "data": cfg.data}}
+            tokenizer.save_pretrained(final, extra_meta=meta)
     distributed.barrier()
     distributed.print0(f"tokenizer trained; export at {final}")
     return final
@@ -466,18 +468,32 @@ def _validate(model: Tokenizer, images: Tensor, path: Path) -> float:
 
 @torch.no_grad()
 def latent_statistics(tokenizer: Tokenizer, cfg: TokenizerTrainConfig) -> tuple[Tensor, Tensor]:
-    """Per-channel mean/std of the latents of the training data (float64 accumulation)."""
+    """Per-channel mean/std of the latents of the training data (float64 accumulation): the first
+    `stats_batches` batches of 64 images (all by default). Under torchrun rank r encodes batches r,
+    r + world, ... (shards r, r + world, ... of a shard folder) and the moments are summed: a collective."""
     from aligntok.data import build_dataset
 
+    world = distributed.world()
     device = next(tokenizer.parameters()).device
     tokenizer.eval()
     dataset = build_dataset(cfg.data, split="train", resolution=cfg.model.image_size)
-    loader = DataLoader(dataset, batch_size=64, num_workers=cfg.num_workers)
-    moments = ChannelMoments()
-    for i, batch in enumerate(loader):
-        if cfg.stats_batches is not None and i >= cfg.stats_batches:
+    limit = len(dataset) if cfg.stats_batches is None else min(len(dataset), 64 * cfg.stats_batches)
+    if isinstance(dataset, ShardDataset):  # streamed: this rank's shards, its share of `limit` images
+        part = dataset.subset(list(range(world.rank, dataset.num_shards, world.world_size)))
+        cap = -(-limit // world.world_size)
+    else:
+        batches = range(world.rank, -(-limit // 64), world.world_size)
+        mine = [i for b in batches for i in range(64 * b, min(64 * b + 64, limit))]
+        part, cap = torch.utils.data.Subset(dataset, mine), len(mine)
+    moments = ChannelMoments(tokenizer.config.latent_channels)
+    seen = 0
+    for batch in DataLoader(part, batch_size=64, num_workers=cfg.num_workers):
+        images = batch["image"][: cap - seen]
+        if not len(images):
             break
+        seen += len(images)
         with distributed.autocast(cfg.bf16):
-            moments.update(tokenizer.encode(batch["image"].to(device)))
+            moments.update(tokenizer.encode(images.to(device)))
+    moments.all_reduce()
     mean, std = moments.mean_std()
     return mean.float(), std.float()
