@@ -54,10 +54,10 @@ def _rank_main(rank: int, world: int, port: int, fn: Callable[..., None], args: 
     )
     torch.set_num_threads(1)
     distributed.init()
-    try:
-        fn(*args)
-    finally:
-        distributed.shutdown()
+    fn(*args)
+    # Rank 0 hosts the rendezvous store: no rank may leave while another still talks to it.
+    distributed.barrier()
+    distributed.shutdown()
 
 
 def _spawn(fn: Callable[..., None], *args: Any, world: int = 2) -> None:

@@ -283,3 +283,7 @@ def main(argv: list[str] | None = None) -> None:
             raise
         print(f"aligntok: error: {e}", file=sys.stderr)
         sys.exit(1)
+    finally:
+        # Under torchrun, leave the process group cleanly (NCCL warns about a group never destroyed).
+        if "aligntok.distributed" in sys.modules:
+            sys.modules["aligntok.distributed"].shutdown()
