@@ -49,6 +49,9 @@ def test_cache_layout_stats_and_flips(setup) -> None:
     )
     norm = cache.normalized()
     assert norm.mean().abs() < 1e-4 and (norm.std() - 1).abs() < 0.05
+    # Training reads rows on demand, across shard boundaries, in the order asked.
+    idx = torch.tensor([23, 0, 5, 4, 9, 10, 14, 15])
+    assert torch.equal(cache.rows(idx), cache.latents[idx])
     # A cached latent is the tokenizer's encoding of its image (mirrored where flagged).
     from safetensors.torch import load_file
 

@@ -71,7 +71,13 @@ def test_preset_shapes(name):
 
 
 def test_preset_latent_grids():
-    expected = {"paper": (32, 16, 16), "emoji": (16, 8, 8), "fashion": (8, 8, 8), "debug": (4, 4, 4)}
+    expected = {
+        "paper": (32, 16, 16),
+        "emoji": (16, 8, 8),
+        "fashion": (8, 8, 8),
+        "emoji32": (8, 8, 8),
+        "debug": (4, 4, 4),
+    }
     assert set(expected) == set(TOKENIZER_PRESETS)
     for name, shape in expected.items():
         with torch.device("meta"):

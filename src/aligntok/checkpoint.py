@@ -1,18 +1,31 @@
-"""Exported weights: a directory with `model.safetensors` + `config.json`, never pickle.
+"""Exported weights (a directory with `model.safetensors` + `config.json`, never pickle) and resumable
+training states (torch.distributed.checkpoint, so that a run saved on N ranks resumes on M).
 
 The JSON document is the caller's `config` mapping (by convention `{"kind": ..., "config": ...}`) plus a
 `"meta"` entry (the aligntok version and any `extra_meta`). Each file is written to a temporary name and
 moved into place with `os.replace`, so a reader never sees a half-written file. `export_hash` names one
 exact export (weights + config); latent caches record it to refuse a tokenizer they were not made with.
+
+A training state is a directory `checkpoints/step-NNNNNNN/`: the tensors (models, optimizers, EMA) as a
+torch.distributed.checkpoint (DCP) save, `.metadata` + `__<rank>_0.distcp` (each rank writes its own
+shards, nothing is gathered), beside `train_state.pt` (step, config, RNG, counters: small, written by rank
+0, read with `weights_only=True`). It is written under a temporary name and renamed when complete; then
+`checkpoints/latest` (one line, the directory's name) is replaced atomically and older states removed. A
+crash at any moment leaves `latest` naming a complete state. Model and optimizer state dicts go through
+`torch.distributed.checkpoint.state_dict` (parameter names as keys, full shapes in the metadata), so DCP
+reshards them on load: a state saved under FSDP on 2 ranks loads into one process, and back.
 """
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
+import shutil
 import tempfile
-from collections.abc import Callable
+import warnings
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -21,7 +34,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
 
-from aligntok import __version__
+from aligntok import __version__, distributed
 
 WEIGHTS_NAME = "model.safetensors"
 CONFIG_NAME = "config.json"
@@ -154,3 +167,101 @@ def load_state(path: str | Path) -> dict[str, Any]:
         raise ValueError(
             f"{path} is not a readable aligntok training state ({e}); delete it to restart"
         ) from None
+
+
+TRAIN_STATE = "train_state.pt"
+LATEST = "latest"
+
+
+def _step_dir(step: int) -> str:
+    return f"step-{step:07d}"
+
+
+def latest_checkpoint(ckpt_dir: str | Path) -> Path | None:
+    """The newest complete training state under `ckpt_dir` (as `latest` names it), or None."""
+    ckpt_dir = Path(ckpt_dir)
+    pointer = ckpt_dir / LATEST
+    if not pointer.is_file():
+        return None
+    path = ckpt_dir / pointer.read_text().strip()
+    if not (path / TRAIN_STATE).is_file():
+        raise ValueError(f"{pointer} names {path}, which is not a complete training state; delete {pointer}")
+    return path
+
+
+def module_state(model: nn.Module, optimizer: torch.optim.Optimizer | None = None) -> dict[str, Any]:
+    """`{"model": ..., "optimizer": ...}` keyed by parameter names (DTensor shards under FSDP), for DCP."""
+    from torch.distributed.checkpoint.state_dict import get_model_state_dict, get_state_dict
+
+    if optimizer is None:
+        return {"model": get_model_state_dict(model)}
+    model_state, optim_state = get_state_dict(model, optimizer)
+    return {"model": model_state, "optimizer": optim_state}
+
+
+def set_module_state(
+    model: nn.Module, optimizer: torch.optim.Optimizer | None, state: dict[str, Any]
+) -> None:
+    """Load what `module_state` gave (after `load_training_tensors` filled it) into the model/optimizer."""
+    from torch.distributed.checkpoint.state_dict import set_model_state_dict, set_state_dict
+
+    if optimizer is None:
+        set_model_state_dict(model, state["model"])
+    else:
+        set_state_dict(model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optimizer"])
+
+
+@contextlib.contextmanager
+def _quiet_single_process() -> Iterator[None]:
+    """DCP warns that it 'assumes a single process' whenever no process group exists: that is our intent."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="torch.distributed is disabled, unavailable or uninit")
+        yield
+
+
+def save_training_state(
+    ckpt_dir: str | Path, step: int, *, tensors: dict[str, Any], state: dict[str, Any]
+) -> Path:
+    """Write a training state (see the module docstring). A collective: every rank calls it.
+
+    `tensors` is a nested dict of tensors (`module_state` results, EMA shadows); `state` is rank 0's small
+    picklable state (numbers, strings, RNG tensors).
+    """
+    import torch.distributed.checkpoint as dcp
+
+    ckpt_dir = Path(ckpt_dir)
+    final = ckpt_dir / _step_dir(step)
+    tmp = ckpt_dir / f".{final.name}.tmp"
+    if distributed.world().is_main:
+        ckpt_dir.mkdir(parents=True, exist_ok=True)
+        shutil.rmtree(tmp, ignore_errors=True)  # a save interrupted earlier
+    distributed.barrier()
+    with _quiet_single_process():
+        dcp.save(tensors, checkpoint_id=tmp, no_dist=not torch.distributed.is_initialized())
+    if distributed.world().is_main:
+        torch.save(state, tmp / TRAIN_STATE)
+        shutil.rmtree(final, ignore_errors=True)
+        os.replace(tmp, final)
+        _write_atomic(ckpt_dir / LATEST, lambda p: p.write_text(final.name + "\n"))
+        for old in ckpt_dir.glob("step-*"):
+            if old != final:
+                shutil.rmtree(old)
+    distributed.barrier()
+    return final
+
+
+def read_training_state(path: str | Path) -> dict[str, Any]:
+    """The small state (`train_state.pt`) of a training state directory."""
+    return load_state(Path(path) / TRAIN_STATE)
+
+
+def load_training_tensors(path: str | Path, tensors: dict[str, Any]) -> None:
+    """Fill `tensors` (built like the saved ones, e.g. from `module_state` of fresh models) in place from
+    the DCP save at `path`, resharding to this world. Keys of the save that `tensors` lacks are skipped."""
+    import torch.distributed.checkpoint as dcp
+
+    try:
+        with _quiet_single_process():
+            dcp.load(tensors, checkpoint_id=Path(path), no_dist=not torch.distributed.is_initialized())
+    except Exception as e:  # DCP wraps every reader failure in its own CheckpointException
+        raise ValueError(f"{path}: cannot load this training state ({e}); delete it to restart") from None

@@ -33,6 +33,12 @@ def _data_fetch(args: argparse.Namespace) -> None:
         print(f"{name}: {data.fetch_dataset(name, force=args.force)}")
 
 
+def _data_shards(args: argparse.Namespace) -> None:
+    from aligntok.data import write_shards
+
+    write_shards(args.images, args.out, shard_size=args.shard_size)
+
+
 def _tokenizer_train(args: argparse.Namespace) -> None:
     from aligntok.config import apply_overrides
     from aligntok.recipes.tokenizer import tokenizer_train_recipe
@@ -140,12 +146,21 @@ def build_parser() -> argparse.ArgumentParser:
     p = assets_sub.add_parser("list", help="show which assets are present")
     p.set_defaults(func=_assets_list)
 
-    data_p = sub.add_parser("data", help="datasets: fetch and prepare")
+    data_p = sub.add_parser("data", help="datasets: fetch and prepare, write shards")
     data_sub = data_p.add_subparsers(dest="action", required=True)
     p = data_sub.add_parser("fetch", help="fetch and prepare a dataset")
     p.add_argument("names", nargs="+", metavar="NAME", help="emoji | fashion-mnist")
     p.add_argument("--force", action="store_true")
     p.set_defaults(func=_data_fetch)
+    p = data_sub.add_parser(
+        "shards", help="write an image folder as WebDataset shards (image, caption, label)"
+    )
+    p.add_argument(
+        "--images", required=True, help="an image folder (one subfolder per class, captions.jsonl)"
+    )
+    p.add_argument("--out", required=True, help="the shard folder to write (use it wherever a dataset goes)")
+    p.add_argument("--shard-size", type=int, default=1000, help="images per shard")
+    p.set_defaults(func=_data_shards)
 
     p = sub.add_parser("tokenizer", help="train, evaluate and score tokenizers")
     tok_sub = p.add_subparsers(dest="action", required=True)
@@ -275,3 +290,7 @@ def main(argv: list[str] | None = None) -> None:
             raise
         print(f"aligntok: error: {e}", file=sys.stderr)
         sys.exit(1)
+    finally:
+        # Under torchrun, leave the process group cleanly (NCCL warns about a group never destroyed).
+        if "aligntok.distributed" in sys.modules:
+            sys.modules["aligntok.distributed"].shutdown()

@@ -78,6 +78,15 @@ def barrier() -> None:
         dist.barrier()
 
 
+def all_reduce_mean(x: torch.Tensor) -> torch.Tensor:
+    """The mean of `x` over ranks (a copy; `x` itself on one process). Every rank must call it."""
+    x = x.detach().clone()
+    if dist.is_initialized():
+        dist.all_reduce(x)
+        x /= dist.get_world_size()
+    return x
+
+
 def autocast(enabled: bool, device_type: str | None = None) -> contextlib.AbstractContextManager:
     """bf16 autocast when `enabled` (a flag in every training config), a no-op context otherwise."""
     if not enabled:

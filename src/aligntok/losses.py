@@ -13,6 +13,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from aligntok import distributed
 from aligntok.models.encoders import Encoder
 
 
@@ -58,10 +59,12 @@ def adaptive_gan_weight(
     at the decoder's last layer L (`tokenizer.decoder.last_layer`). So the GAN gradient reaching the
     decoder output is `base` times the reconstruction gradient, whatever the two losses' scales. Both
     gradients are taken with `retain_graph=True`, so the caller's later `backward()` still works; the weight
-    is detached (a coefficient, not something to optimise).
+    is detached (a coefficient, not something to optimise). Under data parallelism each rank's losses are
+    means over its slice of the batch, so the global batch's gradients are the means over ranks.
     """
     (rec_grad,) = torch.autograd.grad(rec_loss, last_layer, retain_graph=True)
     (g_grad,) = torch.autograd.grad(g_loss, last_layer, retain_graph=True)
+    rec_grad, g_grad = distributed.all_reduce_mean(rec_grad), distributed.all_reduce_mean(g_grad)
     weight = rec_grad.float().norm() / (g_grad.float().norm() + 1e-4)
     return (weight.clamp(0.0, max_weight) * base).detach()
 

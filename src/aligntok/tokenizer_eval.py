@@ -181,6 +181,11 @@ def evaluate_tokenizer(
     tokenizer = _load(tokenizer_dir)
     resolution = tokenizer.config.image_size
     test = build_dataset(data, split=split, resolution=resolution)
+    if isinstance(test, torch.utils.data.IterableDataset):
+        raise ValueError(
+            f"tokenizer eval draws seeded subsets, which {data} (streamed shards) cannot give; "
+            "pass its image folder"
+        )
     result: dict[str, Any] = {
         "tokenizer": str(Path(tokenizer_dir).resolve()),
         "data": str(data),

@@ -4,8 +4,9 @@
     ds = build_dataset("emoji", split="val", resolution=32)
     ds[0]  # {"image": (3, 32, 32) float in [0, 1], "label": int, "caption": str, "style": int, "index": int}
 
-A spec is a dataset name (`emoji`, `fashion-mnist`) or a path to a folder of images (see data/folder.py).
-Named datasets live in memory as uint8, resized once per (split, resolution); folders decode lazily.
+A spec is a dataset name (`emoji`, `fashion-mnist`), a path to a folder of images (see data/folder.py), or
+a path to a folder of WebDataset shards (data/shards.py, streamed: an IterableDataset). Named datasets
+live in memory as uint8, resized once per (split, resolution); folders decode lazily.
 """
 
 from __future__ import annotations
@@ -24,17 +25,20 @@ from aligntok.data.images import (
     check_resolution,
     check_split,
 )
+from aligntok.data.shards import ShardDataset, is_shard_folder, write_shards
 
 __all__ = [
     "DATASETS",
     "ArrayImageDataset",
     "ImageDataset",
     "ImageFolderDataset",
+    "ShardDataset",
     "build_dataset",
     "center_crop_adm",
     "dataset_dir",
     "fetch_dataset",
     "is_prepared",
+    "write_shards",
 ]
 
 DATASETS: dict[str, ModuleType] = {emoji.NAME: emoji, fashion.NAME: fashion}
@@ -78,8 +82,9 @@ def fetch_dataset(name: str, *, force: bool = False) -> Path:
 
 def build_dataset(
     spec: str | Path, *, split: str = "train", resolution: int, base_only: bool = False
-) -> ImageDataset:
-    """The dataset `spec` (a name in DATASETS or an image folder) for `split` ("train" | "val").
+) -> ImageDataset | ShardDataset:
+    """The dataset `spec` (a name in DATASETS, an image folder or a shard folder) for `split` ("train" |
+    "val").
 
     `base_only` keeps base emoji only (no skin-tone variants); the other datasets have no variants and
     ignore it.
@@ -97,6 +102,8 @@ def build_dataset(
     if not path.is_dir():
         raise ValueError(
             f"{name!r} is neither a dataset name ({', '.join(DATASETS)}) nor a folder of images "
-            "(one subfolder per class, or images directly)"
+            "(one subfolder per class, or images directly) or of shards (`aligntok data shards`)"
         )
+    if is_shard_folder(path):
+        return ShardDataset(path, resolution=resolution, split=split)
     return ImageFolderDataset(path, resolution=resolution, split=split)

@@ -8,26 +8,29 @@ Layout of a cache directory:
                               (hash of its export), dataset, latent shape, classes, per-channel mean/std
 
 Shards are written atomically and independently, so an interrupted run resumes where it stopped, and
-under torchrun rank r encodes shards r, r + world, ... . The identity check refuses to mix a cache with
+under torchrun rank r encodes shards r, r + world, ... (from WebDataset shards: latent shard i encodes input
+shard i, streamed). The identity check refuses to mix a cache with
 another tokenizer: latents are only meaningful to the decoder that made them.
 """
 
 from __future__ import annotations
 
+import functools
 import json
 import math
 import os
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
+from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 from torch.utils.data import DataLoader, Subset
 from tqdm.auto import tqdm
 
 from aligntok import distributed
 from aligntok.checkpoint import export_hash
+from aligntok.data.shards import ShardDataset
 
 META = "meta.json"
 
@@ -64,14 +67,23 @@ def build_cache(
         return out
     tokenizer = Tokenizer.from_pretrained(tokenizer_dir).to(world.device).eval()
     dataset = build_dataset(data, split=split, resolution=tokenizer.config.image_size)
-    num_shards = math.ceil(len(dataset) / shard_size)
+    if isinstance(dataset, ShardDataset):  # streamed: latent shard i holds input shard i
+        num_shards = dataset.num_shards
+
+        def part(i: int) -> ShardDataset:
+            return dataset.subset([i])
+    else:
+        num_shards = math.ceil(len(dataset) / shard_size)
+
+        def part(i: int) -> Subset:
+            return Subset(dataset, range(i * shard_size, min(len(dataset), (i + 1) * shard_size)))
+
     out.mkdir(parents=True, exist_ok=True)
     todo = [i for i in range(world.rank, num_shards, world.world_size) if not _shard_path(out, i).exists()]
     bar = tqdm(total=len(todo), desc="encoding shards", disable=not world.is_main)
     for i in todo:
-        part = Subset(dataset, range(i * shard_size, min(len(dataset), (i + 1) * shard_size)))
         tensors: dict[str, list[torch.Tensor]] = {"latents": [], "labels": [], "indices": [], "flipped": []}
-        for batch in DataLoader(part, batch_size=batch_size, num_workers=num_workers):
+        for batch in DataLoader(part(i), batch_size=batch_size, num_workers=num_workers):
             images = batch["image"].to(world.device)
             views = [(images, 0), (images.flip(-1), 1)] if flip else [(images, 0)]
             for view, flipped in views:
@@ -88,39 +100,49 @@ def build_cache(
         bar.update()
     bar.close()
     distributed.barrier()
-    if world.is_main:
-        _write_meta(
-            out,
-            num_shards=num_shards,
-            tokenizer_dir=Path(tokenizer_dir),
-            tok_hash=tok_hash,
-            data=data,
-            split=split,
-            flip=flip,
-            dataset=dataset,
-        )
+    _write_meta(
+        out,
+        num_shards=num_shards,
+        tokenizer_dir=Path(tokenizer_dir),
+        tok_hash=tok_hash,
+        data=data,
+        split=split,
+        flip=flip,
+        dataset=dataset,
+    )
     distributed.barrier()
     distributed.print0(f"latent cache written to {out}")
     return out
 
 
 class ChannelMoments:
-    """Per-channel mean/std of (B, C, h, w) latents, accumulated in float64 over any number of batches."""
+    """Per-channel mean/std of (B, C, h, w) latents, accumulated in float64 over any number of batches (and,
+    with `all_reduce`, over ranks)."""
 
-    def __init__(self) -> None:
+    def __init__(self, channels: int) -> None:
         self.count = 0
-        self.s1: torch.Tensor | None = None
-        self.s2: torch.Tensor | None = None
+        self.s1 = torch.zeros(channels, dtype=torch.float64)
+        self.s2 = torch.zeros(channels, dtype=torch.float64)
 
     def update(self, z: torch.Tensor) -> None:
         z = z.detach().double().cpu()
-        s1, s2 = z.sum((0, 2, 3)), (z**2).sum((0, 2, 3))
-        self.s1 = s1 if self.s1 is None else self.s1 + s1
-        self.s2 = s2 if self.s2 is None else self.s2 + s2
+        self.s1 += z.sum((0, 2, 3))
+        self.s2 += (z**2).sum((0, 2, 3))
         self.count += z.shape[0] * z.shape[2] * z.shape[3]
 
+    def all_reduce(self) -> None:
+        """Sum the moments of every rank, each of which saw its own share of the data. Every rank calls it."""
+        if not torch.distributed.is_initialized():
+            return
+        packed = torch.cat([self.s1, self.s2, torch.tensor([float(self.count)], dtype=torch.float64)])
+        packed = packed.to(distributed.device())  # NCCL reduces device tensors only
+        torch.distributed.all_reduce(packed)
+        packed = packed.cpu()
+        c = len(self.s1)
+        self.s1, self.s2, self.count = packed[:c], packed[c : 2 * c], int(packed[-1])
+
     def mean_std(self) -> tuple[torch.Tensor, torch.Tensor]:
-        if self.s1 is None:
+        if self.count == 0:
             raise ValueError("no latents were seen: the dataset is empty")
         mean = self.s1 / self.count
         return mean, (self.s2 / self.count - mean**2).clamp_min(1e-12).sqrt()
@@ -137,14 +159,17 @@ def _write_meta(
     flip: bool,
     dataset: Any,
 ) -> None:
-    # Per-channel statistics over every cached latent (flipped copies included: they are what the DiT
-    # trains on).
-    moments = ChannelMoments()
-    for i in range(num_shards):
-        z = load_file(str(_shard_path(out, i)))["latents"]
-        moments.update(z)
+    """Per-channel statistics over every cached latent (flipped copies included: they are what the DiT
+    trains on), rank r reading shards r, r + world, ...; then rank 0 writes meta.json. A collective."""
+    world = distributed.world()
+    shape = list(load_file(str(_shard_path(out, 0)))["latents"].shape[1:])
+    moments = ChannelMoments(shape[0])
+    for i in range(world.rank, num_shards, world.world_size):
+        moments.update(load_file(str(_shard_path(out, i)))["latents"])
+    moments.all_reduce()
+    if not world.is_main:
+        return
     mean, std = moments.mean_std()
-    shape = list(z.shape[1:])
     meta = {
         "tokenizer": {"path": str(tokenizer_dir.resolve()), "hash": tok_hash},
         "data": data,
@@ -161,15 +186,18 @@ def _write_meta(
     os.replace(tmp, out / META)
 
 
-@dataclass
 class LatentCache:
-    """A complete cache loaded into memory (latents are small: 256 tokens x 32 channels per image)."""
+    """A complete cache: labels and indices in memory, latents read on demand (`rows`) from the
+    memory-mapped shards, so that a cache larger than memory trains and the ranks of a machine share one
+    copy of it in the page cache. `latents` reads them all (small caches, tests)."""
 
-    path: Path
-    meta: dict[str, Any]
-    latents: torch.Tensor  # (N, C, h, w), raw (not normalised)
-    labels: torch.Tensor  # (N,)
-    indices: torch.Tensor  # (N,)
+    def __init__(self, path: Path, meta: dict[str, Any]) -> None:
+        self.path, self.meta = path, meta
+        self._files = [safe_open(str(_shard_path(path, i)), "pt") for i in range(meta["num_shards"])]
+        self.labels = torch.cat([f.get_tensor("labels") for f in self._files])  # (N,)
+        self.indices = torch.cat([f.get_tensor("indices") for f in self._files])  # (N,) dataset index
+        sizes = [f.get_slice("latents").get_shape()[0] for f in self._files]
+        self._starts = torch.tensor([0, *sizes]).cumsum(0)  # first row of each shard
 
     @classmethod
     def load(cls, path: str | Path) -> LatentCache:
@@ -179,15 +207,22 @@ class LatentCache:
                 f"{path} is not a complete latent cache (no {META}); build it with "
                 "`aligntok latents cache --tokenizer DIR --data D --out DIR` (rerun to resume)"
             )
-        meta = json.loads((path / META).read_text())
-        shards = [load_file(str(_shard_path(path, i))) for i in range(meta["num_shards"])]
-        return cls(
-            path=path,
-            meta=meta,
-            latents=torch.cat([s["latents"] for s in shards]),
-            labels=torch.cat([s["labels"] for s in shards]),
-            indices=torch.cat([s["indices"] for s in shards]),
-        )
+        return cls(path, json.loads((path / META).read_text()))
+
+    def rows(self, idx: torch.Tensor) -> torch.Tensor:
+        """Raw latents (len(idx), C, h, w) of the items `idx` (in that order), read from their shards."""
+        shard = torch.searchsorted(self._starts, idx, right=True) - 1
+        out = torch.empty((len(idx), *self.meta["latent_shape"]))
+        for s in shard.unique().tolist():
+            mine = shard == s
+            part = self._files[s].get_slice("latents")
+            out[mine] = torch.cat([part[i : i + 1] for i in (idx[mine] - self._starts[s]).tolist()])
+        return out
+
+    @functools.cached_property
+    def latents(self) -> torch.Tensor:
+        """All raw latents (N, C, h, w) in memory."""
+        return torch.cat([f.get_tensor("latents") for f in self._files])
 
     @property
     def mean(self) -> torch.Tensor:
@@ -205,12 +240,17 @@ class LatentCache:
     def num_classes(self) -> int:
         return len(self.meta["classes"])
 
+    def normalize(self, z: torch.Tensor) -> torch.Tensor:
+        """Latents (B, C, h, w) standardised per channel with the cache's statistics (PAPER.md,
+        'Diffusion model')."""
+        return (z - self.mean.view(1, -1, 1, 1)) / self.std.view(1, -1, 1, 1)
+
     def normalized(self) -> torch.Tensor:
-        """Latents standardised per channel with the cache's statistics (PAPER.md, 'Diffusion model')."""
-        return (self.latents - self.mean.view(1, -1, 1, 1)) / self.std.view(1, -1, 1, 1)
+        """Every latent, standardised."""
+        return self.normalize(self.latents)
 
     def __len__(self) -> int:
-        return len(self.latents)
+        return len(self.labels)
 
 
 def check_tokenizer(expected_hash: str, tokenizer_dir: str | Path, *, what: str) -> None:

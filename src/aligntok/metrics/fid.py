@@ -508,7 +508,7 @@ def _dataset_id(spec: str | Path) -> str:
     folder = Path(name).expanduser().resolve()
     digest = hashlib.sha256(str(folder).encode())
     if folder.is_dir():
-        for p in images_under(folder):
+        for p in sorted(folder.glob("*.tar")) + images_under(folder):  # shards or images
             st = p.stat()
             digest.update(f"{p.relative_to(folder)}\0{st.st_size}\0{st.st_mtime_ns}\n".encode())
     return f"{_safe(folder.name)}-{digest.hexdigest()[:12]}"
@@ -594,6 +594,8 @@ def reference_features(
 
     def compute(model: InceptionFeatures | None) -> Features:
         ds = build_dataset(spec, split=split, resolution=resolution)
+        if num is not None and isinstance(ds, torch.utils.data.IterableDataset):
+            raise FIDError(f"{spec} is streamed (shards): use all of it (no --num) or its image folder")
         if num is not None and not 1 <= num <= len(ds):
             raise FIDError(f"num={num} images asked of {spec} {split}, which has {len(ds)}; lower num")
         items: object = ds

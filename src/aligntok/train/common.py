@@ -15,6 +15,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from aligntok import distributed
+from aligntok.config import to_dict
 
 
 class EMA:
@@ -85,6 +86,13 @@ class StepBatchSampler(torch.utils.data.Sampler[list[int]]):
 
     def __len__(self) -> int:
         return max(0, self.stop - self.start)
+
+
+def check_resume_config(saved: dict[str, Any], cfg: Any, path: Path) -> None:
+    """Refuse to resume a run made with another config; `parallel` (how it runs, not what) may differ."""
+    now = {k: v for k, v in to_dict(cfg).items() if k != "parallel"}
+    if {k: v for k, v in saved.items() if k != "parallel"} != now:
+        raise ValueError(f"{path} was made with another config; resume with the same recipe/--set")
 
 
 def seed_everything(seed: int) -> None:

@@ -1,29 +1,41 @@
 """The ONE flow-matching training loop for DiTs on a latent cache (PAPER.md, 'Diffusion model').
 
-Reads top to bottom: build from the cache -> resume if asked -> steps (label dropout, logit-normal t,
-velocity loss, clipping, spike/NaN guard, EMA) -> checkpoints -> export of the EMA weights. Exact resume:
-the data order is a pure function of (seed, epoch), the noise comes from a generator whose state is saved.
+Reads top to bottom: build from the cache -> parallelize (DDP/FSDP2 under torchrun) -> resume if asked ->
+steps (label dropout, logit-normal t, velocity loss, clipping, spike/NaN guard, EMA) -> checkpoints ->
+export of the EMA weights. Exact resume, on any number of ranks: the data order is a pure function of
+(seed, epoch), the noise comes from one generator shared by all ranks whose state is saved.
 """
 
 from __future__ import annotations
 
 import math
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
 import torch
 
 from aligntok import distributed, flow
-from aligntok.checkpoint import load_export, load_state, save_export, save_state
+from aligntok.checkpoint import (
+    latest_checkpoint,
+    load_export,
+    load_training_tensors,
+    module_state,
+    read_training_state,
+    save_export,
+    save_training_state,
+    set_module_state,
+)
 from aligntok.config import from_dict, save_json, to_dict
 from aligntok.data.latents import LatentCache
 from aligntok.models.dit import DiT, DiTConfig
+from aligntok.parallelize import ParallelConfig, full_grad_norm, full_state, parallelize
 from aligntok.train.common import (
     EMA,
     JsonlLog,
     batch_indices,
+    check_resume_config,
     lr_factor,
     progress,
     rng_state,
@@ -58,6 +70,7 @@ class DiTTrainConfig:
     spike_factor: float = 10.0  # a loss this many times its running mean is a spike
     on_spike: Literal["skip", "stop"] = "skip"
     max_consecutive_skips: int = 20
+    parallel: ParallelConfig = field(default_factory=ParallelConfig)
 
 
 def build_dit(cfg: DiTTrainConfig, *, latent_shape: list[int], num_classes: int) -> DiT:
@@ -94,73 +107,102 @@ class SpikeGuard:
         self.mean, self.skips, self.total_skips = s["mean"], s["skips"], s["total_skips"]
 
 
+def draw_step_noise(
+    gen: torch.Generator, cfg: DiTTrainConfig, shape: tuple[int, ...], device: torch.device
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Label-dropout mask (B,), times t (B,) and noise eps (B, C, h, w) for a whole global batch of shape
+    `shape`.
+
+    Every rank draws the whole global batch's randomness from one shared generator and keeps its slice
+    (`.chunk(world)[rank]`, as `batch_indices` slices the data): sample i gets the same draw whichever rank
+    holds it, so a run is one function of its seed on any number of ranks (tested against one process, and
+    what lets a run saved on N ranks resume exactly on M). Drawing B rather than B / world latents of noise
+    costs nothing next to the model.
+    """
+    n = shape[0]
+    drop = torch.rand(n, generator=gen, device=device) < cfg.label_dropout
+    t = flow.sample_t(n, kind=cfg.t_sampling, mean=cfg.t_mean, std=cfg.t_std, generator=gen, device=device)
+    eps = torch.randn(shape, generator=gen, device=device)
+    return drop, t, eps
+
+
+def flow_matching_loss(
+    model: torch.nn.Module,
+    z0: torch.Tensor,
+    y: torch.Tensor,
+    noise: tuple[torch.Tensor, torch.Tensor, torch.Tensor],
+    cfg: DiTTrainConfig,
+    *,
+    null_class: int,
+) -> torch.Tensor:
+    """This rank's mean velocity loss on latents z0 (b, C, h, w) with labels y (b,) and this rank's slice
+    of `draw_step_noise`; `model` is the module `parallelize` returned."""
+    drop, t, eps = noise
+    y = torch.where(drop, torch.full_like(y, null_class), y)
+    with distributed.autocast(cfg.bf16):
+        pred = model(flow.interpolate(z0, eps, t), t, y)
+    return flow.flow_loss(pred.float(), flow.velocity_target(z0, eps), cosine_weight=cfg.cosine_weight).mean()
+
+
 def train_dit(cfg: DiTTrainConfig, *, latents: str | Path, out: str | Path, resume: bool = False) -> Path:
-    """Train a DiT on a latent cache; returns the export directory."""
+    """Train a DiT on a latent cache; returns the export directory. Under torchrun each rank trains on its
+    slice of every global batch (see `draw_step_noise`)."""
     out = Path(out)
     world = distributed.init()
     if cfg.batch_size % world.world_size:
         raise ValueError(f"batch_size {cfg.batch_size} must divide by the {world.world_size} ranks")
-    ckpt_path = out / "checkpoints" / "last.pt"
-    if ckpt_path.exists() and not resume:
+    ckpt_dir = out / "checkpoints"
+    last = latest_checkpoint(ckpt_dir)
+    if last is not None and not resume:
         raise ValueError(f"{out} already holds a run; pass --resume to continue it or choose a new --out")
     cache = LatentCache.load(latents)
     device = world.device
     seed_everything(cfg.seed)
     model = build_dit(cfg, latent_shape=cache.meta["latent_shape"], num_classes=cache.num_classes).to(device)
+    train_model = parallelize(model, cfg.parallel, bf16=cfg.bf16)
     ema = EMA(model, cfg.ema_decay)
     opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, betas=cfg.betas, weight_decay=cfg.weight_decay)
     guard = SpikeGuard(cfg.spike_factor, cfg.max_consecutive_skips)
-    gen = torch.Generator(device).manual_seed(cfg.seed * 7919 + world.rank)
-    data = cache.normalized()
-    labels = cache.labels
+    gen = torch.Generator(device).manual_seed(cfg.seed * 7919)  # the same on every rank: draw_step_noise
     null_class = cache.num_classes
     step = 0
     if world.is_main:
         out.mkdir(parents=True, exist_ok=True)
         save_json(cfg, out / "config.json")
-    if resume and ckpt_path.exists():
-        state = load_state(ckpt_path)
-        if state["config"] != to_dict(cfg):
-            raise ValueError(f"{ckpt_path} was made with another config; resume with the same recipe/--set")
-        model.load_state_dict(state["model"])
-        ema.load_state_dict(state["ema"])
-        opt.load_state_dict(state["optimizer"])
+    if resume and last is not None:
+        state = read_training_state(last)
+        check_resume_config(state["config"], cfg, last)
+        tensors = {"dit": module_state(model, opt), "ema": ema.shadow}
+        load_training_tensors(last, tensors)
+        set_module_state(model, opt, tensors["dit"])
         guard.load_state_dict(state["guard"])
         set_rng_state(state["rng"])
-        gen.set_state(
-            state["generator"][world.rank] if world.rank < len(state["generator"]) else gen.get_state()
-        )
+        gen.set_state(state["generator"])
         step = state["step"]
-        distributed.print0(f"resumed {out} at step {step}")
+        saved_on = state["world_size"]
+        distributed.print0(f"resumed {out} at step {step} ({last.name}, saved on {saved_on} ranks)")
     log = JsonlLog(out / "log.jsonl")
     bar = progress(cfg.steps, step, "dit")
     model.train()
     t0, seen = time.time(), 0
     while step < cfg.steps:
         idx = batch_indices(
-            step, n=len(data), batch=cfg.batch_size, seed=cfg.seed, rank=world.rank, world=world.world_size
+            step, n=len(cache), batch=cfg.batch_size, seed=cfg.seed, rank=world.rank, world=world.world_size
         )
-        z0 = data[idx].to(device)
-        y = labels[idx].to(device)
-        drop = torch.rand(len(y), generator=gen, device=device) < cfg.label_dropout
-        y = torch.where(drop, torch.full_like(y, null_class), y)
-        t = flow.sample_t(
-            len(z0), kind=cfg.t_sampling, mean=cfg.t_mean, std=cfg.t_std, generator=gen, device=device
-        )
-        eps = torch.randn(z0.shape, generator=gen, device=device)
+        z0 = cache.normalize(cache.rows(idx)).to(device)  # this rank's rows only are read
+        y = cache.labels[idx].to(device)
+        shape = (cfg.batch_size, *z0.shape[1:])
+        noise = tuple(a.chunk(world.world_size)[world.rank] for a in draw_step_noise(gen, cfg, shape, device))
         for group in opt.param_groups:
             group["lr"] = cfg.lr * lr_factor(
                 step, warmup=cfg.warmup_steps, total=cfg.steps, schedule=cfg.schedule
             )
-        with distributed.autocast(cfg.bf16):
-            pred = model(flow.interpolate(z0, eps, t), t, y)
-        loss = flow.flow_loss(
-            pred.float(), flow.velocity_target(z0, eps), cosine_weight=cfg.cosine_weight
-        ).mean()
+        loss = flow_matching_loss(train_model, z0, y, noise, cfg, null_class=null_class)
         opt.zero_grad(set_to_none=True)
         loss.backward()
-        grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
-        loss_value = loss.item()
+        grad_norm = full_grad_norm(torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip))
+        # The global batch's loss: every rank takes the same skip decision from it.
+        loss_value = distributed.all_reduce_mean(loss).item()
         if guard.is_bad(loss_value) or not math.isfinite(grad_norm.item()):
             msg = (
                 f"loss {loss_value:.4g} at step {step} is NaN/inf or above {cfg.spike_factor}x its running "
@@ -168,7 +210,7 @@ def train_dit(cfg: DiTTrainConfig, *, latents: str | Path, out: str | Path, resu
             )
             if cfg.on_spike == "stop" or guard.skips > guard.max_skips:
                 raise RuntimeError(
-                    f"{msg}; training stopped. Resume from {ckpt_path} with a lower lr, "
+                    f"{msg}; training stopped. Resume from {ckpt_dir} with a lower lr, "
                     "--set qk_norm=true or bf16=false"
                 )
             log.write(step=step, event="skipped_step", loss=loss_value)
@@ -177,7 +219,7 @@ def train_dit(cfg: DiTTrainConfig, *, latents: str | Path, out: str | Path, resu
             opt.step()
             ema.update(model)
         step += 1
-        seen += len(z0) * world.world_size
+        seen += cfg.batch_size
         bar.update()
         if step % cfg.log_every == 0 or step == cfg.steps:
             elapsed = time.time() - t0
@@ -191,33 +233,37 @@ def train_dit(cfg: DiTTrainConfig, *, latents: str | Path, out: str | Path, resu
             )
             bar.set_postfix(loss=f"{loss_value:.4f}")
         if step % cfg.ckpt_every == 0 or step == cfg.steps:
-            state = {
-                "config": to_dict(cfg),
-                "step": step,
-                "model": model.state_dict(),
-                "ema": ema.state_dict(),
-                "optimizer": opt.state_dict(),
-                "guard": guard.state_dict(),
-                "rng": rng_state(),
-                "generator": [gen.get_state()],
-            }
-            if world.is_main:
-                save_state(state, ckpt_path)
-        if step in cfg.keep_checkpoints and world.is_main:
+            save_training_state(
+                ckpt_dir,
+                step,
+                tensors={"dit": module_state(model, opt), "ema": ema.shadow},
+                state={
+                    "config": to_dict(cfg),
+                    "step": step,
+                    "guard": guard.state_dict(),
+                    "rng": rng_state(),
+                    "generator": gen.get_state(),
+                    "world_size": world.world_size,
+                },
+            )
+        if step in cfg.keep_checkpoints:
             export_dit(model, ema, cfg, cache, out / "exports" / f"step-{step:07d}")
     bar.close()
     export = out / "export"
-    if world.is_main:
-        export_dit(model, ema, cfg, cache, export)
+    export_dit(model, ema, cfg, cache, export)
     distributed.barrier()
     distributed.print0(f"DiT trained for {step} steps; export at {export}")
     return export
 
 
 def export_dit(model: DiT, ema: EMA, cfg: DiTTrainConfig, cache: LatentCache, out: Path) -> None:
-    """EMA weights + everything sampling needs: model config, latent statistics, the tokenizer identity."""
+    """EMA weights + everything sampling needs: model config, latent statistics, the tokenizer identity.
+    A collective under FSDP (the EMA shards are gathered); rank 0 writes."""
+    weights = full_state(ema.state_dict())
+    if not distributed.world().is_main:
+        return
     ema_model = DiT(model.config)
-    ema.copy_to(ema_model)
+    ema_model.load_state_dict(weights)
     save_export(
         out,
         ema_model,

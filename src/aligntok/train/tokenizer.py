@@ -6,7 +6,8 @@ order, each starting from the previous stage's export, then writes one export wi
 Run directory:
     RUN/config.json                      resolved training config
     RUN/stage-<name>/log.jsonl           losses (each on its own), lr, grad norms, validation PSNR
-    RUN/stage-<name>/checkpoints/last.pt exact-resume state (tokenizer, EMA, discriminator, optimizers, RNG)
+    RUN/stage-<name>/checkpoints/        exact-resume state (tokenizer, EMA, discriminator, optimizers, RNG;
+                                         aligntok.checkpoint's layout: resumes on any number of ranks)
     RUN/stage-<name>/recon-<step>.png    originals (top) over reconstructions of a fixed validation batch
     RUN/stage-<name>/export/             the stage's result (EMA weights where the stage keeps an EMA)
     RUN/export/                          the final tokenizer with latent statistics of the training data
@@ -14,6 +15,7 @@ Run directory:
 
 from __future__ import annotations
 
+import itertools
 import math
 import time
 from dataclasses import dataclass, field
@@ -25,9 +27,17 @@ from torch import Tensor, nn
 from torch.utils.data import DataLoader
 
 from aligntok import distributed
-from aligntok.checkpoint import load_state, save_state
+from aligntok.checkpoint import (
+    latest_checkpoint,
+    load_training_tensors,
+    module_state,
+    read_training_state,
+    save_training_state,
+    set_module_state,
+)
 from aligntok.config import save_json, to_dict
 from aligntok.data.latents import ChannelMoments
+from aligntok.data.shards import ShardDataset
 from aligntok.losses import (
     VF_MARGINS,
     PerceptualLoss,
@@ -42,11 +52,13 @@ from aligntok.metrics.reconstruction import psnr
 from aligntok.models.discriminator import DiscriminatorConfig, PatchDiscriminator
 from aligntok.models.encoders import EncoderConfig, build_encoder
 from aligntok.models.tokenizer import Tokenizer, TokenizerConfig
+from aligntok.parallelize import ParallelConfig, full_grad_norm, full_state, parallelize
 from aligntok.report import make_grid, save_image, to_uint8
 from aligntok.train.common import (
     EMA,
     JsonlLog,
     StepBatchSampler,
+    check_resume_config,
     lr_factor,
     progress,
     rng_state,
@@ -107,6 +119,7 @@ class TokenizerTrainConfig:
     num_val: int = 16
     ckpt_every: int = 500
     stats_batches: int | None = None  # batches of training data for latent statistics (None: all)
+    parallel: ParallelConfig = field(default_factory=ParallelConfig)
 
     def __post_init__(self) -> None:
         names = [s.name for s in self.stages]
@@ -135,6 +148,8 @@ def train_tokenizer(
     if stage != "all" and stage not in names:
         raise ValueError(f"--stage {stage!r} is not in this recipe; its stages: {', '.join(names)} or all")
     world = distributed.init()
+    if cfg.batch_size % world.world_size:
+        raise ValueError(f"batch_size {cfg.batch_size} must divide by the {world.world_size} ranks")
     if world.is_main:
         out.mkdir(parents=True, exist_ok=True)
         save_json(cfg, out / "config.json")
@@ -144,7 +159,7 @@ def train_tokenizer(
         if _export_done(sdir / "export"):
             distributed.print0(f"stage {s.name}: done already ({sdir / 'export'})")
             continue
-        if (sdir / "checkpoints" / "last.pt").exists() and not resume:
+        if latest_checkpoint(sdir / "checkpoints") is not None and not resume:
             raise ValueError(
                 f"{sdir} holds an interrupted stage; pass --resume to continue it or a new --out"
             )
@@ -153,11 +168,13 @@ def train_tokenizer(
     if stage != "all" and stage != names[-1]:
         return _stage_dir(out, todo[0]) / "export"
     final = out / "export"
-    if world.is_main and not _export_done(final):
+    if not _export_done(final):  # every rank sees the same: rank 0 writes only after the collective below
         tokenizer = Tokenizer.from_pretrained(last).to(world.device)
         mean, std = latent_statistics(tokenizer, cfg)
-        tokenizer.set_latent_stats(mean, std)
-        tokenizer.save_pretrained(final, extra_meta={"trained": {"recipe_stages": names, "data": cfg.data}})
+        if world.is_main:
+            tokenizer.set_latent_stats(mean, std)
+            meta = {"trained": {"recipe_stages": names, "data": cfg.data}}
+            tokenizer.save_pretrained(final, extra_meta=meta)
     distributed.barrier()
     distributed.print0(f"tokenizer trained; export at {final}")
     return final
@@ -193,7 +210,32 @@ def _validation_batch(cfg: TokenizerTrainConfig) -> Tensor:
     except ValueError:
         ds = build_dataset(cfg.data, split="train", resolution=cfg.model.image_size)
     n = min(cfg.num_val, len(ds))
-    return torch.stack([ds[i]["image"] for i in range(n)])
+    items = itertools.islice(ds, n) if isinstance(ds, ShardDataset) else (ds[i] for i in range(n))
+    return torch.stack([item["image"] for item in items])
+
+
+class Autoencoder(nn.Module):
+    """What the generator's optimizer trains, run as ONE module call per step so that DDP/FSDP2 hooks see
+    it: images (+ posterior noise) -> latent, reconstruction, and the VF terms (VA-VAE's projection trains).
+    """
+
+    def __init__(self, tokenizer: Tokenizer, vf: VFLoss | None) -> None:
+        super().__init__()
+        self.tokenizer = tokenizer
+        self.vf = vf
+
+    def forward(self, images: Tensor, noise: Tensor | None) -> dict[str, Tensor]:
+        out: dict[str, Tensor] = {}
+        if self.tokenizer.config.posterior == "gaussian":
+            mean, logvar = self.tokenizer.encode_posterior(images)
+            z = mean + noise * (0.5 * logvar).exp()
+            out["mean"], out["logvar"] = mean, logvar
+        else:
+            z = self.tokenizer.encode(images)
+        out["z"], out["recon"] = z, self.tokenizer.decode(z)
+        if self.vf is not None:
+            out["vf_cos"], out["vf_dm"] = self.vf(z.float(), images)
+        return out
 
 
 def _train_stage(cfg: TokenizerTrainConfig, stage: StageConfig, *, out: Path) -> None:
@@ -202,75 +244,88 @@ def _train_stage(cfg: TokenizerTrainConfig, stage: StageConfig, *, out: Path) ->
     world = distributed.init()
     device = world.device
     sdir = _stage_dir(out, stage)
-    ckpt_path = sdir / "checkpoints" / "last.pt"
+    ckpt_dir = sdir / "checkpoints"
+    last = latest_checkpoint(ckpt_dir)
     seed_everything(cfg.seed)
     tokenizer = _initial_tokenizer(cfg, stage, out).to(device)
     tokenizer.set_trainable(**{g: g in stage.train for g in GROUPS})
-    groups = tokenizer.param_groups()
-    param_groups = [
-        {"params": groups[g], "lr": (stage.encoder_lr or stage.lr) if g == "encoder" else stage.lr, "name": g}
-        for g in stage.train
-    ]
-    perceptual = PerceptualLoss(net=cfg.lpips_net).to(device) if stage.lpips_weight > 0 else None
     vf = None
     if stage.vf_weight > 0:
         assert cfg.vf_encoder is not None
         vf_encoder = build_encoder(cfg.vf_encoder).to(device).eval().requires_grad_(False)
         vf = VFLoss(tokenizer.config.latent_channels, vf_encoder, margins=cfg.vf_margins).to(device)
+    autoencoder = Autoencoder(tokenizer, vf)
+    train_ae = parallelize(autoencoder, cfg.parallel, bf16=cfg.bf16)
+    groups = tokenizer.param_groups()  # after parallelize: FSDP2 has replaced them by shards
+    param_groups = [
+        {"params": groups[g], "lr": (stage.encoder_lr or stage.lr) if g == "encoder" else stage.lr, "name": g}
+        for g in stage.train
+    ]
+    if vf is not None:
         param_groups.append({"params": list(vf.projection.parameters()), "lr": stage.lr, "name": "vf"})
     base_lrs = [g["lr"] for g in param_groups]
     opt = torch.optim.AdamW(param_groups, betas=cfg.betas, weight_decay=cfg.weight_decay)
     trained = [p for g in param_groups for p in g["params"]]
+    perceptual = PerceptualLoss(net=cfg.lpips_net).to(device) if stage.lpips_weight > 0 else None
     use_gan = stage.gan_weight > 0
     disc = PatchDiscriminator(cfg.disc).to(device) if use_gan else None
+    train_disc = parallelize(disc, cfg.parallel, bf16=cfg.bf16) if disc is not None else None
     opt_d = (
         torch.optim.AdamW(disc.parameters(), lr=cfg.disc_lr, betas=cfg.betas) if disc is not None else None
     )
     ema = EMA(tokenizer, stage.ema_decay) if stage.ema_decay else None
+    # Frozen target networks (L_sp reference, LPIPS, the VF encoder) are replicated, never wrapped.
     reference = _semantic_reference(cfg, out).to(device) if stage.sp_weight > 0 else None
-    gen = torch.Generator(device).manual_seed(cfg.seed * 7919 + world.rank)
+    # One generator, the same on every rank: each draws the global batch's noise and keeps its slice, so a
+    # run is one function of its seed on any number of ranks (as in train/dit.py, draw_step_noise).
+    gen = torch.Generator(device).manual_seed(cfg.seed * 7919)
+
+    def tensors() -> dict[str, dict]:
+        parts = {"autoencoder": module_state(autoencoder, opt)}
+        if disc is not None:
+            parts["disc"] = module_state(disc, opt_d)
+        if ema is not None:
+            parts["ema"] = ema.shadow
+        return parts
 
     step = 0
-    if ckpt_path.exists():
-        state = load_state(ckpt_path)
-        if state["config"] != to_dict(cfg):
-            raise ValueError(f"{ckpt_path} was made with another config; resume with the same recipe/--set")
-        tokenizer.load_state_dict(state["tokenizer"])
-        opt.load_state_dict(state["optimizer"])
+    if last is not None:
+        state = read_training_state(last)
+        check_resume_config(state["config"], cfg, last)
+        loaded = tensors()
+        load_training_tensors(last, loaded)
+        set_module_state(autoencoder, opt, loaded["autoencoder"])
         if disc is not None:
-            disc.load_state_dict(state["disc"])
-            opt_d.load_state_dict(state["disc_optimizer"])
-        if ema is not None:
-            ema.load_state_dict(state["ema"])
-        if vf is not None:
-            vf.projection.load_state_dict(state["vf"])
+            set_module_state(disc, opt_d, loaded["disc"])
         set_rng_state(state["rng"])
         gen.set_state(state["generator"])
         step = state["step"]
-        distributed.print0(f"stage {stage.name}: resumed at step {step}")
+        distributed.print0(f"stage {stage.name}: resumed at step {step} ({last})")
     elif disc is not None:
         _carry_discriminator(cfg, stage, out, disc)
 
     dataset = build_dataset(cfg.data, split="train", resolution=cfg.model.image_size)
-    sampler = StepBatchSampler(
-        n=len(dataset),
-        batch=cfg.batch_size,
-        seed=cfg.seed + 1000 * _index(cfg, stage),
-        start=step,
-        stop=stage.steps,
-        rank=world.rank,
-        world=world.world_size,
-    )
-    loader = DataLoader(dataset, batch_sampler=sampler, num_workers=cfg.num_workers)
+    order = {"seed": cfg.seed + 1000 * _index(cfg, stage), "start": step, "stop": stage.steps}
+    order |= {"rank": world.rank, "world": world.world_size}
+    if isinstance(dataset, ShardDataset):  # streamed: each rank reads its own shards
+        batch_size = cfg.batch_size // world.world_size
+        loader = dataset.loader(batch=batch_size, num_workers=cfg.num_workers, **order)
+    else:
+        sampler = StepBatchSampler(n=len(dataset), batch=cfg.batch_size, **order)
+        loader = DataLoader(dataset, batch_sampler=sampler, num_workers=cfg.num_workers)
     val_images = _validation_batch(cfg).to(device) if world.is_main else None
     log = JsonlLog(sdir / "log.jsonl")
     if world.is_main:
         sdir.mkdir(parents=True, exist_ok=True)
     bar = progress(stage.steps, step, f"tokenizer stage {stage.name}")
-    tokenizer.train()
+    autoencoder.train()
     t0 = time.time()
     for batch in loader:
         images = batch["image"].to(device, non_blocking=True)
+        noise = None
+        if tokenizer.config.posterior == "gaussian":
+            shape = (cfg.batch_size, *tokenizer.latent_shape)
+            noise = torch.randn(shape, generator=gen, device=device).chunk(world.world_size)[world.rank]
         for g, base in zip(opt.param_groups, base_lrs):
             g["lr"] = base * lr_factor(
                 step, warmup=stage.warmup_steps, total=stage.steps, schedule=stage.schedule
@@ -278,16 +333,13 @@ def _train_stage(cfg: TokenizerTrainConfig, stage: StageConfig, *, out: Path) ->
         gan_on = use_gan and step >= stage.gan_start
         losses: dict[str, Tensor] = {}
         with distributed.autocast(cfg.bf16):
-            if tokenizer.config.posterior == "gaussian":
-                mean, logvar = tokenizer.encode_posterior(images)
-                z = mean + torch.randn(mean.shape, generator=gen, device=device) * (0.5 * logvar).exp()
-                if stage.kl_weight > 0:
-                    # Per image pixel value: LDM's KL weight (1e-6) is relative to a reconstruction loss
-                    # SUMMED over pixels, ours are means: divide by 3 * H * W to keep its meaning.
-                    losses["kl"] = kl_loss(mean.float(), logvar.float()) / images[0].numel()
-            else:
-                z = tokenizer.encode(images)
-            recon = tokenizer.decode(z)
+            outputs = train_ae(images, noise)
+            z, recon = outputs["z"], outputs["recon"]
+            if stage.kl_weight > 0:
+                # Per image pixel value: LDM's KL weight (1e-6) is relative to a reconstruction loss
+                # SUMMED over pixels, ours are means: divide by 3 * H * W to keep its meaning.
+                kl = kl_loss(outputs["mean"].float(), outputs["logvar"].float())
+                losses["kl"] = kl / images[0].numel()
             losses["l1"] = (recon.float() - images).abs().mean()
             if perceptual is not None:
                 losses["lpips"] = perceptual(recon.float(), images)
@@ -296,31 +348,37 @@ def _train_stage(cfg: TokenizerTrainConfig, stage: StageConfig, *, out: Path) ->
                     z_ref = reference.encode(images)
                 losses["sp"] = semantic_preservation_loss(z.float(), z_ref.float(), kind=stage.sp_kind)
             if vf is not None:
-                losses["vf_cos"], losses["vf_dm"] = vf(z.float(), images)
+                losses["vf_cos"], losses["vf_dm"] = outputs["vf_cos"], outputs["vf_dm"]
         rec = stage.l1_weight * losses["l1"] + stage.lpips_weight * losses.get("lpips", 0.0)
         total = rec + stage.sp_weight * losses.get("sp", 0.0) + stage.kl_weight * losses.get("kl", 0.0)
         total = total + stage.vf_weight * (losses.get("vf_cos", 0.0) + losses.get("vf_dm", 0.0))
         if gan_on:
-            disc.requires_grad_(False)  # the generator step needs gradients through D, not for it
+            # D's parameters get gradients here too (one code path for every parallel mode: a frozen
+            # flag would not reach FSDP2's unsharded copies); they are cleared before D's own step.
             with distributed.autocast(cfg.bf16):
-                losses["g"] = generator_loss(disc(recon).float())
-            disc.requires_grad_(True)
-            last = tokenizer.decoder.last_layer
-            weight = adaptive_gan_weight(rec, losses["g"], last, base=stage.gan_weight)
+                losses["g"] = generator_loss(train_disc(recon).float())
+            # Under FSDP2 the root group (decoder.conv_out is in it) stays unsharded from forward to
+            # backward, so this is the very parameter the graph used.
+            last_layer = tokenizer.decoder.last_layer
+            weight = adaptive_gan_weight(rec, losses["g"], last_layer, base=stage.gan_weight)
             losses["gan_weight"] = weight
             total = total + weight * losses["g"]
         opt.zero_grad(set_to_none=True)
         total.backward()
-        grad_norm = torch.nn.utils.clip_grad_norm_(trained, cfg.grad_clip)
-        if not math.isfinite(total.item()):
+        grad_norm = full_grad_norm(torch.nn.utils.clip_grad_norm_(trained, cfg.grad_clip))
+        loss_value = distributed.all_reduce_mean(total).item()  # the global batch's: one decision for all
+        if not math.isfinite(loss_value):
             raise RuntimeError(
-                f"stage {stage.name}: loss is {total.item()} at step {step}; resume from "
-                f"{ckpt_path} with a lower lr or bf16=false"
+                f"stage {stage.name}: loss is {loss_value} at step {step}; resume from "
+                f"{ckpt_dir} with a lower lr or bf16=false"
             )
         opt.step()
         if gan_on:
             with distributed.autocast(cfg.bf16):
-                losses["d"] = hinge_d_loss(disc(images).float(), disc(recon.detach()).float())
+                # Real and fake in one call (GroupNorm: each sample is normalised alone), one forward per
+                # backward as DDP expects.
+                logits = train_disc(torch.cat([images, recon.detach()])).float()
+                losses["d"] = hinge_d_loss(*logits.chunk(2))
             opt_d.zero_grad(set_to_none=True)
             losses["d"].backward()
             torch.nn.utils.clip_grad_norm_(disc.parameters(), cfg.grad_clip)
@@ -332,40 +390,35 @@ def _train_stage(cfg: TokenizerTrainConfig, stage: StageConfig, *, out: Path) ->
         if step % cfg.log_every == 0 or step == stage.steps:
             log.write(
                 step=step,
-                loss=total.item(),
+                loss=loss_value,
                 grad_norm=grad_norm.item(),
                 lr=opt.param_groups[0]["lr"],
                 images_per_s=step * cfg.batch_size / max(time.time() - t0, 1e-9) if step else 0.0,
-                **{k: v.item() if isinstance(v, Tensor) else v for k, v in losses.items()},
+                **{k: distributed.all_reduce_mean(v).item() for k, v in losses.items()},
             )
-            bar.set_postfix(loss=f"{total.item():.4f}")
-        if world.is_main and (step % cfg.val_every == 0 or step == stage.steps):
-            log.write(
-                step=step, val_psnr=_validate(tokenizer, ema, val_images, sdir / f"recon-{step:07d}.png")
-            )
-        if step % cfg.ckpt_every == 0 or step == stage.steps:
-            state = {
-                "config": to_dict(cfg),
-                "stage": stage.name,
-                "step": step,
-                "tokenizer": tokenizer.state_dict(),
-                "optimizer": opt.state_dict(),
-                "rng": rng_state(),
-                "generator": gen.get_state(),
-            }
-            if disc is not None:
-                state |= {"disc": disc.state_dict(), "disc_optimizer": opt_d.state_dict()}
-            if ema is not None:
-                state["ema"] = ema.state_dict()
-            if vf is not None:
-                state["vf"] = vf.projection.state_dict()
+            bar.set_postfix(loss=f"{loss_value:.4f}")
+        if step % cfg.val_every == 0 or step == stage.steps:
+            copy = _gathered_copy(tokenizer, ema)
             if world.is_main:
-                save_state(state, ckpt_path)
+                log.write(step=step, val_psnr=_validate(copy, val_images, sdir / f"recon-{step:07d}.png"))
+        if step % cfg.ckpt_every == 0 or step == stage.steps:
+            save_training_state(
+                ckpt_dir,
+                step,
+                tensors=tensors(),
+                state={
+                    "config": to_dict(cfg),
+                    "stage": stage.name,
+                    "step": step,
+                    "rng": rng_state(),
+                    "generator": gen.get_state(),
+                    "world_size": world.world_size,
+                },
+            )
     bar.close()
+    copy = _gathered_copy(tokenizer, ema)
     if world.is_main:
-        if ema is not None:
-            ema.copy_to(tokenizer)
-        tokenizer.save_pretrained(sdir / "export", extra_meta={"stage": stage.name, "steps": stage.steps})
+        copy.save_pretrained(sdir / "export", extra_meta={"stage": stage.name, "steps": stage.steps})
     distributed.barrier()
 
 
@@ -378,24 +431,36 @@ def _carry_discriminator(cfg: TokenizerTrainConfig, stage: StageConfig, out: Pat
     index = _index(cfg, stage)
     if index == 0:
         return
-    prev = _stage_dir(out, cfg.stages[index - 1]) / "checkpoints" / "last.pt"
-    if prev.exists():
-        state = load_state(prev)
-        if "disc" in state:
-            disc.load_state_dict(state["disc"])
+    prev = latest_checkpoint(_stage_dir(out, cfg.stages[index - 1]) / "checkpoints")
+    if prev is not None and "disc" in _saved_parts(prev):
+        loaded = {"disc": module_state(disc)}
+        load_training_tensors(prev, loaded)
+        set_module_state(disc, None, loaded["disc"])
+
+
+def _saved_parts(path: Path) -> set[str]:
+    """Top-level names in a DCP save (e.g. "autoencoder", "disc", "ema")."""
+    from torch.distributed.checkpoint import FileSystemReader
+
+    return {key.split(".")[0] for key in FileSystemReader(path).read_metadata().state_dict_metadata}
+
+
+def _gathered_copy(tokenizer: Tokenizer, ema: EMA | None) -> Tokenizer | None:
+    """On rank 0, a plain (unsharded, unwrapped) copy of the tokenizer with the EMA weights where a stage
+    keeps them; None elsewhere. A collective under FSDP: every rank calls it."""
+    state = full_state(ema.state_dict() if ema is not None else tokenizer.state_dict())
+    if not distributed.world().is_main:
+        return None
+    copy = Tokenizer(tokenizer.export_config())  # no weights folder read
+    copy.load_state_dict(state)
+    return copy.to(distributed.device())
 
 
 @torch.no_grad()
-def _validate(tokenizer: Tokenizer, ema: EMA | None, images: Tensor, path: Path) -> float:
-    """PSNR on the fixed validation batch, and a grid of originals over reconstructions (EMA weights)."""
-    model = tokenizer
-    if ema is not None:
-        model = Tokenizer(tokenizer.export_config()).to(images.device)  # no weights folder read
-        ema.copy_to(model)
-    was_training = model.training
+def _validate(model: Tokenizer, images: Tensor, path: Path) -> float:
+    """PSNR on the fixed validation batch, and a grid of originals over reconstructions."""
     model.eval()
     recon = model.decode(model.encode(images)).clamp(0, 1)
-    model.train(was_training)
     grid = make_grid(to_uint8(torch.cat([images, recon])), nrow=len(images))
     save_image(grid, path, scale=max(1, 128 // images.shape[-1]))
     return psnr(recon, images).mean().item()  # clamped; +inf only for a perfect reconstruction
@@ -403,18 +468,32 @@ def _validate(tokenizer: Tokenizer, ema: EMA | None, images: Tensor, path: Path)
 
 @torch.no_grad()
 def latent_statistics(tokenizer: Tokenizer, cfg: TokenizerTrainConfig) -> tuple[Tensor, Tensor]:
-    """Per-channel mean/std of the latents of the training data (float64 accumulation)."""
+    """Per-channel mean/std of the latents of the training data (float64 accumulation): the first
+    `stats_batches` batches of 64 images (all by default). Under torchrun rank r encodes batches r,
+    r + world, ... (shards r, r + world, ... of a shard folder) and the moments are summed: a collective."""
     from aligntok.data import build_dataset
 
+    world = distributed.world()
     device = next(tokenizer.parameters()).device
     tokenizer.eval()
     dataset = build_dataset(cfg.data, split="train", resolution=cfg.model.image_size)
-    loader = DataLoader(dataset, batch_size=64, num_workers=cfg.num_workers)
-    moments = ChannelMoments()
-    for i, batch in enumerate(loader):
-        if cfg.stats_batches is not None and i >= cfg.stats_batches:
+    limit = len(dataset) if cfg.stats_batches is None else min(len(dataset), 64 * cfg.stats_batches)
+    if isinstance(dataset, ShardDataset):  # streamed: this rank's shards, its share of `limit` images
+        part = dataset.subset(list(range(world.rank, dataset.num_shards, world.world_size)))
+        cap = -(-limit // world.world_size)
+    else:
+        batches = range(world.rank, -(-limit // 64), world.world_size)
+        mine = [i for b in batches for i in range(64 * b, min(64 * b + 64, limit))]
+        part, cap = torch.utils.data.Subset(dataset, mine), len(mine)
+    moments = ChannelMoments(tokenizer.config.latent_channels)
+    seen = 0
+    for batch in DataLoader(part, batch_size=64, num_workers=cfg.num_workers):
+        images = batch["image"][: cap - seen]
+        if not len(images):
             break
+        seen += len(images)
         with distributed.autocast(cfg.bf16):
-            moments.update(tokenizer.encode(batch["image"].to(device)))
+            moments.update(tokenizer.encode(images.to(device)))
+    moments.all_reduce()
     mean, std = moments.mean_std()
     return mean.float(), std.float()
