@@ -14,8 +14,9 @@ then the same DiT recipe on its latents, with gFID against the training images w
 at every checkpoint (the mean over seeds; `aligntok` and `vae` get `seeds` training seeds), a guidance sweep
 and a sampling-steps sweep at the last checkpoint, the DiT steps each needs to reach the vanilla VAE's
 final gFID, and the real-vs-real FID floor at the same sample count. Every step is resumable (rerun the
-same command). Writes benchmarks/results/reproduce-<dataset>.json, docs/img/reproduce-<dataset>.png (the
-convergence plot) and prints the markdown table for docs/results.md.
+same command). Writes benchmarks/results/reproduce-<dataset>.json (after each tokenizer, with `complete`
+and `pending`), docs/img/reproduce-<dataset>.png (the convergence plot) and prints the markdown table for
+docs/results.md.
 """
 
 from __future__ import annotations
@@ -45,12 +46,12 @@ from aligntok.train.tokenizer import train_tokenizer
 ROOT = Path(__file__).resolve().parents[1]
 BASES = {"emoji": "emoji32", "fashion-mnist": "fashion"}
 # name -> recipe variant (tokenizer_train_recipe's `<base>-<variant>`)
-TOKENIZERS = {
+TOKENIZERS = {  # in the order they are studied: the paper's three-way comparison first
     "aligntok": "",
+    "vae": "-vae",
+    "vavae": "-vavae",
     "aligntok_stage1": "-stage1",
     "aligntok_wsp0": "-wsp0",
-    "vavae": "-vavae",
-    "vae": "-vae",
     "vae_blur": "-vae",
 }
 SEEDED = ("aligntok", "vae")  # the two the paper's claim is about get several DiT training seeds
@@ -306,8 +307,9 @@ def main() -> None:
     names.sort(key=list(TOKENIZERS).index)  # aligntok before aligntok_wsp0
     budget = BUDGETS[args.budget]
     out = Path(args.out or f"runs/reproduce-{args.dataset}-{args.budget}")
+    json_path = Path(args.json or ROOT / "benchmarks" / "results" / f"reproduce-{args.dataset}.json")
+    plot_path = Path(args.plot or ROOT / "docs" / "img" / f"reproduce-{args.dataset}.png")
     t0 = time.time()
-    tokenizers = {name: study_tokenizer(name, args.dataset, budget, out) for name in names}
     resolution = tokenizer_recipe(names[0], args.dataset, budget).model.image_size
     floor = cached(
         out / "fid_floor.json",
@@ -315,27 +317,12 @@ def main() -> None:
             args.dataset, num=budget.num_samples, resolution=resolution, ref_num=budget.ref_num, bf16=True
         ),
     )
-    target_name = "vae" if "vae" in tokenizers else names[0]
-    target = tokenizers[target_name]["gfid"][str(budget.checkpoints[-1])]
-    result = {
-        "dataset": args.dataset,
-        "budget": args.budget,
-        "budget_settings": dataclasses.asdict(budget),
-        "num_samples": budget.num_samples,
-        "fid_floor": floor,
-        "target": {"tokenizer": target_name, "gfid": target, "note": "its final gFID (with guidance)"},
-        "steps_to_target": {
-            n: steps_to_reach({int(c): v for c, v in t["gfid"].items()}, target)
-            for n, t in tokenizers.items()
-        },
-        "tokenizers": tokenizers,
-        "machine": f"{platform.machine()}, {os.cpu_count()} cores, {platform.platform()}",
-        "wall_s": round(time.time() - t0, 1),
-    }
-    json_path = Path(args.json or ROOT / "benchmarks" / "results" / f"reproduce-{args.dataset}.json")
-    json_path.parent.mkdir(parents=True, exist_ok=True)
-    json_path.write_text(json.dumps(result, indent=2) + "\n")
-    plot_path = Path(args.plot or ROOT / "docs" / "img" / f"reproduce-{args.dataset}.png")
+    tokenizers: dict[str, Any] = {}
+    for name in names:  # the results so far are written after each tokenizer: a long study shows progress
+        tokenizers[name] = study_tokenizer(name, args.dataset, budget, out)
+        result = summarize(args, budget, floor, tokenizers, pending=names[len(tokenizers) :], t0=t0)
+        json_path.parent.mkdir(parents=True, exist_ok=True)
+        json_path.write_text(json.dumps(result, indent=2) + "\n")
     series = {
         f"{n}{suffix}": [(int(c), v) for c, v in t[key].items()]
         for n, t in tokenizers.items()
@@ -354,6 +341,45 @@ def main() -> None:
         f"wall {result['wall_s']:.0f} s"
     )
     print(f"written: {json_path}, {plot_path}")
+
+
+def summarize(
+    args: argparse.Namespace,
+    budget: Budget,
+    floor: dict[str, Any],
+    tokenizers: dict[str, Any],
+    *,
+    pending: list[str],
+    t0: float,
+) -> dict[str, Any]:
+    """The result file: settings, floor, per-tokenizer numbers, and the steps each needs to reach the
+    vanilla VAE's final gFID (once the VAE is measured)."""
+    target = None
+    if "vae" in tokenizers:
+        target = {
+            "tokenizer": "vae",
+            "gfid": tokenizers["vae"]["gfid"][str(budget.checkpoints[-1])],
+            "note": "its final gFID (with guidance)",
+        }
+    return {
+        "dataset": args.dataset,
+        "budget": args.budget,
+        "budget_settings": dataclasses.asdict(budget),
+        "num_samples": budget.num_samples,
+        "complete": not pending,
+        "pending": pending,
+        "fid_floor": floor,
+        "target": target,
+        "steps_to_target": {
+            n: steps_to_reach({int(c): v for c, v in t["gfid"].items()}, target["gfid"])
+            for n, t in tokenizers.items()
+        }
+        if target
+        else {},
+        "tokenizers": tokenizers,
+        "machine": f"{platform.machine()}, {os.cpu_count()} cores, {platform.platform()}",
+        "wall_s": round(time.time() - t0, 1),
+    }
 
 
 if __name__ == "__main__":

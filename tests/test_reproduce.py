@@ -80,3 +80,20 @@ def test_study_reuses_stage1_and_reports_every_checkpoint(tmp_path, stub_incepti
     # A rerun finds everything done and returns the same numbers.
     again = rep.study_tokenizer("aligntok", data, budget, out)
     assert again["gfid"] == first["gfid"] and again["probe"] == first["probe"]
+
+
+def test_summary_marks_pending_work_and_targets_the_vae() -> None:
+    import argparse
+
+    budget = rep.BUDGETS["debug"]
+    args = argparse.Namespace(dataset="emoji", budget="debug")
+    floor = {"fid": 10.0}
+    aligntok = {"gfid": {"3": 50.0, "6": 30.0}}
+    partial = rep.summarize(args, budget, floor, {"aligntok": aligntok}, pending=["vae"], t0=0.0)
+    assert partial["complete"] is False and partial["pending"] == ["vae"]
+    assert partial["target"] is None and partial["steps_to_target"] == {}
+    vae = {"gfid": {"3": 60.0, "6": 40.0}}
+    done = rep.summarize(args, budget, floor, {"aligntok": aligntok, "vae": vae}, pending=[], t0=0.0)
+    assert done["complete"] is True and done["target"]["gfid"] == 40.0
+    assert done["steps_to_target"]["vae"] == 6.0
+    assert done["steps_to_target"]["aligntok"] == pytest.approx(3 + 3 * (50 - 40) / (50 - 30))
