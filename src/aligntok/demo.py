@@ -38,7 +38,9 @@ class DemoPreset:
     num_samples: int  # class-balanced samples per guidance setting, for gFID
     ref_num: int | None  # training images in the gFID reference (a seeded subset); None = all
     sample_steps: int = 30
-    cfg_scale: float = 3.0
+    # Scale 5: on the quick run's DiT, 3 left most classes as blobs; 5 and 8 made smileys, people, symbols and
+    # flags recognisable (docs/demo.md). Sharper, less varied samples are what a demo should show.
+    cfg_scale: float = 5.0
     cfg_interval: tuple[float, float] = (0.0, 0.9)  # LightningDiT's interval: no guidance near t = 0
     per_class: int = 12  # images per class in the report's grids
     bf16: bool = True  # autocast for the DiT, the latent cache and the Inception (docs/metrics.md)

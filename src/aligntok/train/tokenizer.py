@@ -202,7 +202,9 @@ def _semantic_reference(cfg: TokenizerTrainConfig, out: Path) -> Tokenizer:
 
 
 def _validation_batch(cfg: TokenizerTrainConfig) -> Tensor:
-    """The first `num_val` validation images (train images if the dataset has no validation split)."""
+    """`num_val` validation images spread evenly over the split, so that the reconstruction grids show every
+    kind of image and not only the first class (train images if the dataset has no validation split; the
+    first ones of a streamed shard set, which has no random access)."""
     from aligntok.data import build_dataset
 
     try:
@@ -210,7 +212,10 @@ def _validation_batch(cfg: TokenizerTrainConfig) -> Tensor:
     except ValueError:
         ds = build_dataset(cfg.data, split="train", resolution=cfg.model.image_size)
     n = min(cfg.num_val, len(ds))
-    items = itertools.islice(ds, n) if isinstance(ds, ShardDataset) else (ds[i] for i in range(n))
+    if isinstance(ds, ShardDataset):
+        items = itertools.islice(ds, n)
+    else:
+        items = (ds[i * len(ds) // n] for i in range(n))
     return torch.stack([item["image"] for item in items])
 
 
