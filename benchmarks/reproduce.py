@@ -206,7 +206,10 @@ def study_tokenizer(name: str, dataset: str, budget: Budget, out: Path) -> dict[
             ],
         )
         run = out / name / f"dit-seed{seed}"
-        train_dit(cfg, latents=cache, out=run, resume=True)
+        if not all(
+            (run / "exports" / f"step-{c:07d}" / "model.safetensors").is_file() for c in budget.checkpoints
+        ):
+            train_dit(cfg, latents=cache, out=run, resume=True)
         for c in budget.checkpoints:
             export = run / "exports" / f"step-{c:07d}"
             samples = out / name / "samples" / f"seed{seed}-step{c}"

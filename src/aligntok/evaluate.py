@@ -206,14 +206,16 @@ def generation_fid(
 
     The reference is the whole train split or `ref_num` of it (a seeded subset); its features are cached.
     Samples go to `out` (`samples.npz`, `grid.png`, `sampling.json`) and the result to `out/fid.json`; a
-    rerun with the same settings reuses both, so interrupted studies resume. `bf16` is the Inception's
-    autocast (docs/metrics.md: it moved FID by 0.14% on emoji) and the DiT's.
+    rerun with the same settings and the same DiT weights (by export hash) reuses both, so interrupted
+    studies resume. `bf16` is the Inception's autocast (docs/metrics.md: it moved FID by 0.14% on emoji)
+    and the DiT's.
     """
+    from aligntok.checkpoint import export_hash
     from aligntok.generate import generate
 
     out = Path(out)
     wanted = {"num": num, "steps": steps, "cfg": cfg_scale, "interval": list(interval), "seed": seed}
-    wanted["dit"] = str(Path(dit_dir).resolve())
+    wanted |= {"dit": str(Path(dit_dir).resolve()), "dit_hash": export_hash(dit_dir)}
     result_path = out / "fid.json"
     if _same_sampling(out, wanted):
         if result_path.is_file():

@@ -11,6 +11,7 @@ import torch
 from tqdm.auto import tqdm
 
 from aligntok import distributed, flow, sampling
+from aligntok.checkpoint import export_hash
 from aligntok.data.latents import check_tokenizer
 from aligntok.report import make_grid, save_image, save_npz, to_uint8
 from aligntok.train.dit import TrainedDiT, load_dit
@@ -148,6 +149,7 @@ def generate(
         json.dumps(
             {
                 "dit": str(Path(dit_dir).resolve()),
+                "dit_hash": export_hash(dit_dir),  # which weights: a retrained run at the same path differs
                 "tokenizer": str(tokenizer_dir.resolve()),
                 "num": num,
                 "steps": steps,
