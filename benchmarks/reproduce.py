@@ -300,6 +300,9 @@ def main() -> None:
         "--json", default=None, help="result path (default benchmarks/results/reproduce-<dataset>.json)"
     )
     parser.add_argument("--plot", default=None, help="plot path (default docs/img/reproduce-<dataset>.png)")
+    parser.add_argument(
+        "--report-only", action="store_true", help="redraw the plot and table from the results JSON (no runs)"
+    )
     args = parser.parse_args()
     names = args.tokenizers.split(",")
     unknown = set(names) - set(TOKENIZERS)
@@ -312,6 +315,9 @@ def main() -> None:
     out = Path(args.out or f"runs/reproduce-{args.dataset}-{args.budget}")
     json_path = Path(args.json or ROOT / "benchmarks" / "results" / f"reproduce-{args.dataset}.json")
     plot_path = Path(args.plot or ROOT / "docs" / "img" / f"reproduce-{args.dataset}.png")
+    if args.report_only:
+        report(json.loads(json_path.read_text()), plot_path)
+        return
     t0 = time.time()
     resolution = tokenizer_recipe(names[0], args.dataset, budget).model.image_size
     floor = cached(
@@ -326,24 +332,31 @@ def main() -> None:
         result = summarize(args, budget, floor, tokenizers, pending=names[len(tokenizers) :], t0=t0)
         json_path.parent.mkdir(parents=True, exist_ok=True)
         json_path.write_text(json.dumps(result, indent=2) + "\n")
+    report(result, plot_path)
+    print(f"written: {json_path}, {plot_path}")
+
+
+def report(result: dict[str, Any], plot_path: Path) -> None:
+    """The convergence plot (gFID against DiT steps, with and without guidance) and the markdown table."""
+    floor = result["fid_floor"]
     series = {
         f"{n}{suffix}": [(int(c), v) for c, v in t[key].items()]
-        for n, t in tokenizers.items()
+        for n, t in result["tokenizers"].items()
         for key, suffix in (("gfid", ""), ("gfid_nocfg", " (no CFG)"))
     }
     plot_curves(
         series,
         plot_path,
-        title=f"{args.dataset}: gFID vs DiT steps ({budget.num_samples} samples, floor {floor['fid']:.1f})",
+        title=f"{result['dataset']}: gFID vs DiT steps ({result['num_samples']} samples, "
+        f"floor {floor['fid']:.1f})",
         xlabel="DiT training steps",
         ylabel="gFID",
     )
     print(markdown(result))
     print(
         f"floor {floor['fid']:.2f} ({floor['num']} real {floor['split']} images); "
-        f"wall {result['wall_s']:.0f} s"
+        f"wall {result['wall_s']:.0f} s; pending: {', '.join(result['pending']) or 'none'}"
     )
-    print(f"written: {json_path}, {plot_path}")
 
 
 def summarize(
