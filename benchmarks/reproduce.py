@@ -316,6 +316,8 @@ def main() -> None:
     json_path = Path(args.json or ROOT / "benchmarks" / "results" / f"reproduce-{args.dataset}.json")
     plot_path = Path(args.plot or ROOT / "docs" / "img" / f"reproduce-{args.dataset}.png")
     if args.report_only:
+        if not json_path.is_file():
+            parser.error(f"--report-only: {json_path} does not exist yet; run the study first")
         report(json.loads(json_path.read_text()), plot_path)
         return
     t0 = time.time()
