@@ -357,7 +357,7 @@ def report(result: dict[str, Any], plot_path: Path) -> None:
     print(markdown(result))
     print(
         f"floor {floor['fid']:.2f} ({floor['num']} real {floor['split']} images); "
-        f"wall {result['wall_s']:.0f} s; pending: {', '.join(result['pending']) or 'none'}"
+        f"this call {result['wall_s_this_call']:.0f} s; pending: {', '.join(result['pending']) or 'none'}"
     )
 
 
@@ -396,7 +396,7 @@ def summarize(
         else {},
         "tokenizers": tokenizers,
         "machine": f"{platform.machine()}, {os.cpu_count()} cores, {platform.platform()}",
-        "wall_s": round(time.time() - t0, 1),
+        "wall_s_this_call": round(time.time() - t0, 1),  # a resumed study reuses earlier work
     }
 
 
