@@ -63,6 +63,8 @@ def plot_curves(
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(6.4, 3.6), dpi=100)
+    if len(series) > 10:  # the default cycle repeats after 10 colours
+        ax.set_prop_cycle(color=plt.cm.tab20.colors)
     for name, points in series.items():
         if points:
             xs, ys = zip(*points)
