@@ -38,7 +38,7 @@ from aligntok.data.latents import build_cache
 from aligntok.evaluate import fid_floor, generation_fid
 from aligntok.recipes.dit import dit_train_recipe
 from aligntok.recipes.tokenizer import tokenizer_train_recipe
-from aligntok.report import plot_curves
+from aligntok.report import cached_json, plot_curves, write_json
 from aligntok.tokenizer_eval import evaluate_tokenizer
 from aligntok.train.dit import train_dit
 from aligntok.train.tokenizer import train_tokenizer
@@ -55,6 +55,7 @@ TOKENIZERS = {  # in the order they are studied: the paper's three-way compariso
     "vae_blur": "-vae",
 }
 SEEDED = ("aligntok", "vae")  # the two the paper's claim is about get several DiT training seeds
+CFG_INTERVAL = (0.0, 0.9)  # guidance acts for t in this interval (LightningDiT's; noise at t = 1)
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -157,15 +158,6 @@ def train_one_tokenizer(name: str, dataset: str, budget: Budget, out: Path) -> P
     return train_tokenizer(tokenizer_recipe(name, dataset, budget), out=run, resume=True)
 
 
-def cached(path: Path, compute) -> dict[str, Any]:
-    if path.is_file():
-        return json.loads(path.read_text())
-    result = compute()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(result, indent=2) + "\n")
-    return result
-
-
 def steps_to_reach(curve: dict[int, float], target: float) -> float | None:
     """DiT steps at which gFID first reaches `target`, interpolated linearly between checkpoints."""
     points = sorted(curve.items())
@@ -181,11 +173,11 @@ def steps_to_reach(curve: dict[int, float], target: float) -> float | None:
 def study_tokenizer(name: str, dataset: str, budget: Budget, out: Path) -> dict[str, Any]:
     t0 = time.time()
     tok = train_one_tokenizer(name, dataset, budget, out)
-    metrics = cached(
-        out / name / "tokenizer_eval.json",
-        lambda: evaluate_tokenizer(
-            tok, dataset, num=budget.eval_num, bf16=True, out=out / name / "eval.json"
-        ),
+    eval_json = out / name / "tokenizer_eval.json"  # evaluate_tokenizer writes it; a rerun reads it
+    metrics = (
+        json.loads(eval_json.read_text())
+        if eval_json.is_file()
+        else evaluate_tokenizer(tok, dataset, num=budget.eval_num, bf16=True, out=eval_json)
     )
     cache = build_cache(
         tokenizer_dir=tok, data=dataset, out=out / name / "latents", flip=budget.flip, bf16=True
@@ -206,10 +198,7 @@ def study_tokenizer(name: str, dataset: str, budget: Budget, out: Path) -> dict[
             ],
         )
         run = out / name / f"dit-seed{seed}"
-        if not all(
-            (run / "exports" / f"step-{c:07d}" / "model.safetensors").is_file() for c in budget.checkpoints
-        ):
-            train_dit(cfg, latents=cache, out=run, resume=True)
+        train_dit(cfg, latents=cache, out=run, resume=True)  # a finished run is found, not retrained
         for c in budget.checkpoints:
             export = run / "exports" / f"step-{c:07d}"
             samples = out / name / "samples" / f"seed{seed}-step{c}"
@@ -219,7 +208,7 @@ def study_tokenizer(name: str, dataset: str, budget: Budget, out: Path) -> dict[
                     out=samples / f"cfg{budget.cfg:g}",
                     steps=budget.sample_steps,
                     cfg_scale=budget.cfg,
-                    interval=(0.0, 0.9),
+                    interval=CFG_INTERVAL,
                     **common,
                 )["fid"]
             )
@@ -236,7 +225,7 @@ def study_tokenizer(name: str, dataset: str, budget: Budget, out: Path) -> dict[
             out=done / f"cfg{w:g}" if w == budget.cfg else sweep / f"cfg{w:g}",
             steps=budget.sample_steps,
             cfg_scale=w,
-            interval=(0.0, 0.9),
+            interval=CFG_INTERVAL,
             **common,
         )["fid"]
         for w in budget.cfg_sweep
@@ -322,7 +311,7 @@ def main() -> None:
         return
     t0 = time.time()
     resolution = tokenizer_recipe(names[0], args.dataset, budget).model.image_size
-    floor = cached(
+    floor = cached_json(
         out / "fid_floor.json",
         lambda: fid_floor(
             args.dataset, num=budget.num_samples, resolution=resolution, ref_num=budget.ref_num, bf16=True
@@ -332,8 +321,7 @@ def main() -> None:
     for name in names:  # the results so far are written after each tokenizer: a long study shows progress
         tokenizers[name] = study_tokenizer(name, args.dataset, budget, out)
         result = summarize(args, budget, floor, tokenizers, pending=names[len(tokenizers) :], t0=t0)
-        json_path.parent.mkdir(parents=True, exist_ok=True)
-        json_path.write_text(json.dumps(result, indent=2) + "\n")
+        write_json(result, json_path)
     report(result, plot_path)
     print(f"written: {json_path}, {plot_path}")
 

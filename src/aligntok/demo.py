@@ -22,6 +22,7 @@ from typing import Any
 import numpy as np
 
 from aligntok import distributed
+from aligntok.report import cached_json, write_json
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -113,16 +114,6 @@ def _commands(p: DemoPreset, out: Path) -> list[str]:
     ]
 
 
-def _cached(path: Path, compute: Callable[[], dict[str, Any]]) -> dict[str, Any]:
-    """The JSON at `path`, or `compute()` written there: a finished step is not redone on a rerun."""
-    if path.is_file():
-        return json.loads(path.read_text())
-    result = compute()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(result, indent=2) + "\n")
-    return result
-
-
 class _Steps:
     """Numbered step headers and the wall time of each step (kept across reruns in `timings.json`)."""
 
@@ -136,8 +127,7 @@ class _Steps:
         t0 = time.time()
         result = fn()
         self.times[name] = round(self.times.get(name, 0.0) + time.time() - t0, 1)
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        self.path.write_text(json.dumps(self.times, indent=2) + "\n")
+        write_json(self.times, self.path)
         return result
 
 
@@ -178,17 +168,14 @@ def run_demo(preset: str = "quick", out: str | Path = "runs/demo") -> Path:
         "tokenizer: three alignment stages",
         lambda: train_tokenizer(tok_cfg, out=out / "tokenizer", resume=True),
     )
+    # evaluate_tokenizer writes its JSON itself: reading it back is what makes the step resumable.
+    tok_json = report / "tokenizer.json"
     tok_metrics = steps.run(
         "tokenizer metrics (val split)",
-        lambda: _cached(
-            report / "tokenizer.json",
-            lambda: evaluate_tokenizer(
-                tok,
-                p.data,
-                num=p.eval_num,
-                bf16=p.bf16,
-                out=out / "tokenizer" / "report" / "tokenizer_eval.json",
-            ),
+        lambda: (
+            json.loads(tok_json.read_text())
+            if tok_json.is_file()
+            else evaluate_tokenizer(tok, p.data, num=p.eval_num, bf16=p.bf16, out=tok_json)
         ),
     )
     cache = steps.run(
@@ -220,7 +207,7 @@ def run_demo(preset: str = "quick", out: str | Path = "runs/demo") -> Path:
     resolution = tok_cfg.model.image_size
     floor = steps.run(
         "real-vs-real FID floor",
-        lambda: _cached(
+        lambda: cached_json(
             report / "fid_floor.json",
             lambda: fid_floor(
                 p.data, num=p.num_samples, resolution=resolution, ref_num=p.ref_num, bf16=p.bf16
@@ -254,8 +241,7 @@ def _check_same_preset(path: Path, settings: dict[str, Any]) -> None:
                 "rerun with that preset to continue it, or pass another --out"
             )
         return
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(settings, indent=2) + "\n")
+    write_json(settings, path)
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -352,7 +338,7 @@ def write_report(
         "num_ref": floor["num_ref"],
         "timings_s": timings,
     }
-    (report / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
+    write_json(metrics, report / "metrics.json")
 
     def fmt(v: Any) -> str:
         return f"{v:.3f}" if isinstance(v, float) else str(v)

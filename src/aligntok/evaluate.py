@@ -20,6 +20,7 @@ import torch
 from aligntok.data.folder import images_under
 from aligntok.data.images import load_image
 from aligntok.metrics import fid as F
+from aligntok.report import write_json
 
 KID_SUBSETS = 100
 KID_SUBSET_SIZE = 1000
@@ -239,9 +240,7 @@ def generation_fid(
     images = F.npz_images(out / "samples.npz")
     model = F.InceptionFeatures.from_assets()
     fake = F.extract_features(images, bf16=bf16, model=model)
-    ref = F.reference_features(
-        data, split="train", resolution=images.shape[1], num=ref_num, seed=0, bf16=bf16, model=model
-    )
+    ref = _training_reference(data, resolution=images.shape[1], ref_num=ref_num, bf16=bf16, model=model)
     result = {
         "fid": float(F.fid_from_stats(F.stats_from_features(ref), F.stats_from_features(fake))),
         "num_samples": len(fake),
@@ -250,8 +249,18 @@ def generation_fid(
         "bf16": bf16,
         **wanted,
     }
-    result_path.write_text(json.dumps(result, indent=2) + "\n")
+    write_json(result, result_path)
     return result
+
+
+def _training_reference(
+    data: str | Path, *, resolution: int, ref_num: int | None, bf16: bool, model: F.InceptionFeatures
+) -> F.Features:
+    """The gFID reference: the train split, or `ref_num` of it (seed 0). One place, so that the floor is
+    measured against exactly the reference the samples are."""
+    return F.reference_features(
+        data, split="train", resolution=resolution, num=ref_num, seed=0, bf16=bf16, model=model
+    )
 
 
 def fid_floor(
@@ -269,6 +278,6 @@ def fid_floor(
     model = F.InceptionFeatures.from_assets()
     kw: dict[str, Any] = {"resolution": resolution, "bf16": bf16, "model": model}
     real = F.reference_features(data, split=split, num=num, seed=1, **kw)
-    ref = F.reference_features(data, split="train", num=ref_num, seed=0, **kw)
+    ref = _training_reference(data, ref_num=ref_num, **kw)
     fid = F.fid_from_stats(F.stats_from_features(ref), F.stats_from_features(real))
     return {"fid": float(fid), "num": len(real.pool), "split": split, "num_ref": len(ref.pool)}

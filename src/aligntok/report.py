@@ -2,8 +2,12 @@
 
 from __future__ import annotations
 
+import json
 import math
+import os
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -121,3 +125,22 @@ def html_page(title: str, sections: list[tuple[str, str]]) -> str:
         + "\n".join(parts)
         + "\n</body></html>\n"
     )
+
+
+def write_json(result: dict[str, Any], path: str | Path) -> None:
+    """Write `result` as indented JSON atomically (temp file + rename): a reader never sees half a file."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    tmp.write_text(json.dumps(result, indent=2) + "\n")
+    os.replace(tmp, path)
+
+
+def cached_json(path: str | Path, compute: Callable[[], dict[str, Any]]) -> dict[str, Any]:
+    """The JSON at `path`, or `compute()` written there: a finished step is not redone on a rerun."""
+    path = Path(path)
+    if path.is_file():
+        return json.loads(path.read_text())
+    result = compute()
+    write_json(result, path)
+    return result

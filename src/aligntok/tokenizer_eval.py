@@ -10,9 +10,7 @@ The protocols are stated in docs/metrics.md, "Tokenizer metrics".
 from __future__ import annotations
 
 import dataclasses
-import json
 import math
-import os
 import time
 import warnings
 from dataclasses import dataclass
@@ -30,6 +28,7 @@ from aligntok.metrics.reconstruction import eval_indices, reconstruction_metrics
 from aligntok.metrics.semantics import cknna, knn_accuracy, linear_probe
 from aligntok.models.encoders import Encoder, EncoderConfig, build_encoder
 from aligntok.models.tokenizer import Tokenizer, TokenizerConfig
+from aligntok.report import write_json
 
 CKNNA_K = 10  # neighbours per item: a fixed protocol choice (small k measures local structure)
 KNN_K = 20
@@ -131,13 +130,6 @@ def semantic_metrics(
     }
 
 
-def _write_json(result: dict[str, Any], path: Path) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    tmp.write_text(json.dumps(result, indent=2) + "\n")
-    os.replace(tmp, path)
-
-
 def format_table(result: dict[str, Any]) -> str:
     """Two aligned columns, metric and value; floats to 4 significant digits, dicts as k=v (None left out)."""
     width = max(len(k) for k in result)
@@ -203,7 +195,7 @@ def evaluate_tokenizer(
         if out is not None
         else Path(tokenizer_dir).resolve().parent / "report" / "tokenizer_eval.json"
     )
-    _write_json(result, path)
+    write_json(result, path)
     print(format_table(result))
     print(f"tokenizer metrics written to {path}")
     return result
@@ -304,7 +296,7 @@ def score_tokenizer(
     }
     if not all(math.isfinite(result[k]) for k in ("probe_balanced", "cknna", "gfid")):
         warnings.warn(f"score of {tokenizer_dir} has a non-finite value: {result}", stacklevel=2)
-    _write_json(result, out / "score.json")
+    write_json(result, out / "score.json")
     print(format_table(result))
     print(f"tokenizer score written to {out / 'score.json'}")
     return result
