@@ -17,7 +17,7 @@ from aligntok.models.tokenizer import Tokenizer
 from aligntok.recipes.dit import dit_train_recipe
 from aligntok.recipes.tokenizer import tokenizer_preset
 from aligntok.train import dit as dit_train
-from aligntok.train.common import read_log
+from aligntok.train.common import EMA, read_log
 from aligntok.train.dit import SpikeGuard, load_dit, train_dit
 
 
@@ -142,6 +142,18 @@ def test_nan_loss_is_skipped_or_stops(setup, tmp_path, monkeypatch) -> None:
     calls["n"] = 0
     with pytest.raises(RuntimeError, match="training stopped"):
         train_dit(_cfg(steps=5, batch_size=8, on_spike="stop"), latents=setup["cache"], out=tmp_path / "stop")
+
+
+def test_ema_decay_warms_up_then_caps() -> None:
+    model = torch.nn.Linear(2, 2, bias=False)
+    torch.nn.init.zeros_(model.weight)
+    ema = EMA(model, decay=0.99)
+    torch.nn.init.ones_(model.weight)
+    ema.update(model, step=0)  # decay min(0.99, 1/10): the first update takes 90% of the new weights
+    assert torch.allclose(ema.shadow["weight"], torch.full((2, 2), 0.9))
+    torch.nn.init.zeros_(model.weight)
+    ema.update(model, step=10_000)  # late in a run the decay is the configured 0.99
+    assert torch.allclose(ema.shadow["weight"], torch.full((2, 2), 0.9 * 0.99))
 
 
 def test_spike_guard() -> None:

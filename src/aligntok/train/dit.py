@@ -217,7 +217,7 @@ def train_dit(cfg: DiTTrainConfig, *, latents: str | Path, out: str | Path, resu
             opt.zero_grad(set_to_none=True)
         else:
             opt.step()
-            ema.update(model)
+            ema.update(model, step)
         step += 1
         seen += cfg.batch_size
         bar.update()

@@ -389,7 +389,7 @@ def _train_stage(cfg: TokenizerTrainConfig, stage: StageConfig, *, out: Path) ->
             torch.nn.utils.clip_grad_norm_(disc.parameters(), cfg.grad_clip)
             opt_d.step()
         if ema is not None:
-            ema.update(tokenizer)
+            ema.update(tokenizer, step)
         step += 1
         bar.update()
         if step % cfg.log_every == 0 or step == stage.steps:
