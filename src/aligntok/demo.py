@@ -357,9 +357,13 @@ def write_report(
         ["k-NN on latents (class-balanced acc.)", fmt(tm["knn_balanced"]), ""],
         ["CKNNA latent vs frozen encoder", fmt(tm["cknna"]), "alignment with the foundation encoder"],
     ]
+
+    def guidance(g: dict[str, Any]) -> str:
+        return "no guidance" if g["cfg"] == 1.0 else f"guidance {g['cfg']:g}"
+
     for key, value in metrics["gfid"].items():
         g = gfid[key]
-        how = "no guidance" if g["cfg"] == 1.0 else f"guidance {g['cfg']:g} on t in {g['interval']}"
+        how = guidance(g) + ("" if g["cfg"] == 1.0 else f" on t in {g['interval']}")
         metric_rows.append(
             [f"gFID, {how}", fmt(value), f"{g['num_samples']} samples vs {g['num_ref']} training images"]
         )
@@ -385,9 +389,7 @@ def write_report(
         )
         for key in gfid
     }
-    headers = ["class"] + [
-        ("no guidance" if gfid[k]["cfg"] == 1.0 else f"guidance {gfid[k]['cfg']:g}") for k in gfid
-    ]
+    headers = ["class"] + [guidance(gfid[k]) for k in gfid]
     sample_rows = [
         [c] + [Raw(f"<img src='{sample_cols[k][i]}'>") for k in gfid] for i, c in enumerate(classes)
     ]
