@@ -152,13 +152,6 @@ def export_hash(directory: str | Path) -> str:
     return digest.hexdigest()
 
 
-def save_state(state: dict[str, Any], path: str | Path) -> None:
-    """Write a resumable training state (tensors, numbers, strings, nested dicts/lists) atomically."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    _write_atomic(path, lambda p: torch.save(state, p))
-
-
 def load_state(path: str | Path) -> dict[str, Any]:
     """Read a training state with `weights_only=True`: loading never executes code."""
     try:
