@@ -168,7 +168,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--recipe",
         required=True,
-        help="<base>[-<variant>]: base debug|emoji|fashion|paper, "
+        help="<base>[-<variant>]: base debug|emoji|emoji32|fashion|paper, "
         "variant stage1|wsp0|vae|vavae (default: the AlignTok three stages)",
     )
     p.add_argument("--out", required=True, help="run directory")

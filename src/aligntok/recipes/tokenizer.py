@@ -178,8 +178,10 @@ BUDGETS: dict[str, Budget] = {
 }
 
 
-BUDGETS["fashion"] = dataclasses.replace(BUDGETS["emoji"], batch_size=32, data="fashion-mnist")
-BUDGETS["emoji32"] = dataclasses.replace(BUDGETS["emoji"], batch_size=32)
+# 32 px at batch 32 (the `small32` model): a 3x higher lr. Measured, stage 1 of emoji32 for 500 steps, val
+# PSNR at steps 100 / 300: 11.9 / 13.7 dB at lr 2e-4 against 15.9 / 18.6 dB at 6e-4 (1e-3: 15.6 / 18.6).
+BUDGETS["emoji32"] = dataclasses.replace(BUDGETS["emoji"], batch_size=32, lr=6e-4)
+BUDGETS["fashion"] = dataclasses.replace(BUDGETS["emoji32"], data="fashion-mnist")
 
 
 def _aligntok_stages(b: Budget, *, sp_weight: float) -> tuple[StageConfig, ...]:
