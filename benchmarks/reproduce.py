@@ -39,7 +39,7 @@ from aligntok.evaluate import fid_floor, generation_fid
 from aligntok.recipes.dit import dit_train_recipe
 from aligntok.recipes.tokenizer import tokenizer_train_recipe
 from aligntok.report import cached_json, plot_curves, write_json
-from aligntok.tokenizer_eval import evaluate_tokenizer
+from aligntok.tokenizer_eval import tokenizer_metrics
 from aligntok.train.dit import train_dit
 from aligntok.train.tokenizer import train_tokenizer
 
@@ -175,11 +175,8 @@ def steps_to_reach(curve: dict[int, float], target: float) -> float | None:
 def study_tokenizer(name: str, dataset: str, budget: Budget, out: Path) -> dict[str, Any]:
     t0 = time.time()
     tok = train_one_tokenizer(name, dataset, budget, out)
-    eval_json = out / name / "tokenizer_eval.json"  # evaluate_tokenizer writes it; a rerun reads it
-    metrics = (
-        json.loads(eval_json.read_text())
-        if eval_json.is_file()
-        else evaluate_tokenizer(tok, dataset, num=budget.eval_num, bf16=True, out=eval_json)
+    metrics = tokenizer_metrics(
+        tok, dataset, num=budget.eval_num, bf16=True, out=out / name / "tokenizer_eval.json"
     )
     cache = build_cache(
         tokenizer_dir=tok, data=dataset, out=out / name / "latents", flip=budget.flip, bf16=True

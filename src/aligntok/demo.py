@@ -140,7 +140,7 @@ def run_demo(preset: str = "quick", out: str | Path = "runs/demo") -> Path:
     from aligntok.evaluate import fid_floor, generation_fid
     from aligntok.recipes.dit import dit_train_recipe
     from aligntok.recipes.tokenizer import tokenizer_train_recipe
-    from aligntok.tokenizer_eval import evaluate_tokenizer
+    from aligntok.tokenizer_eval import tokenizer_metrics
     from aligntok.train.dit import train_dit
     from aligntok.train.tokenizer import train_tokenizer
 
@@ -168,15 +168,9 @@ def run_demo(preset: str = "quick", out: str | Path = "runs/demo") -> Path:
         "tokenizer: three alignment stages",
         lambda: train_tokenizer(tok_cfg, out=out / "tokenizer", resume=True),
     )
-    # evaluate_tokenizer writes its JSON itself: reading it back is what makes the step resumable.
-    tok_json = report / "tokenizer.json"
     tok_metrics = steps.run(
         "tokenizer metrics (val split)",
-        lambda: (
-            json.loads(tok_json.read_text())
-            if tok_json.is_file()
-            else evaluate_tokenizer(tok, p.data, num=p.eval_num, bf16=p.bf16, out=tok_json)
-        ),
+        lambda: tokenizer_metrics(tok, p.data, num=p.eval_num, bf16=p.bf16, out=report / "tokenizer.json"),
     )
     cache = steps.run(
         "latent cache (train split, with flips)",

@@ -10,6 +10,7 @@ The protocols are stated in docs/metrics.md, "Tokenizer metrics".
 from __future__ import annotations
 
 import dataclasses
+import json
 import math
 import time
 import warnings
@@ -128,6 +129,16 @@ def semantic_metrics(
         "num_test_images": len(te_idx),
         "reference_encoder": to_dict(ref_cfg),
     }
+
+
+def tokenizer_metrics(
+    tokenizer_dir: str | Path, data: str | Path, *, num: int | None, bf16: bool, out: Path
+) -> dict[str, Any]:
+    """`evaluate_tokenizer`'s result at `out`, computed (and written there by it) only when `out` is missing:
+    the resumable step of the demo and the reproduction study."""
+    if out.is_file():
+        return json.loads(out.read_text())
+    return evaluate_tokenizer(tokenizer_dir, data, num=num, bf16=bf16, out=out)
 
 
 def format_table(result: dict[str, Any]) -> str:
