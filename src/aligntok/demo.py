@@ -352,12 +352,14 @@ def write_report(
         ["CKNNA latent vs frozen encoder", fmt(tm["cknna"]), "alignment with the foundation encoder"],
     ]
 
-    def guidance(g: dict[str, Any]) -> str:
-        return "no guidance" if g["cfg"] == 1.0 else f"guidance {g['cfg']:g}"
+    def guidance(g: dict[str, Any], *, interval: bool = False) -> str:
+        if g["cfg"] == 1.0:
+            return "no guidance"
+        return f"guidance {g['cfg']:g}" + (f" on t in {g['interval']}" if interval else "")
 
     for key, value in metrics["gfid"].items():
         g = gfid[key]
-        how = guidance(g) + ("" if g["cfg"] == 1.0 else f" on t in {g['interval']}")
+        how = guidance(g, interval=True)
         metric_rows.append(
             [f"gFID, {how}", fmt(value), f"{g['num_samples']} samples vs {g['num_ref']} training images"]
         )
