@@ -248,3 +248,22 @@ def test_apt_download_refreshes_package_lists_once_then_retries(tmp_path, monkey
     monkeypatch.setattr(assets.shutil, "which", lambda exe: f"/usr/bin/{exe}")
     assert assets.download(pkg).read_bytes() == payload
     assert calls == [["apt-get", "download"], ["apt-get", "update"], ["apt-get", "download"]]
+
+
+# --- atomic writes ------------------------------------------------------------------------------------
+
+
+def test_atomic_file_replaces_only_on_success(tmp_path):
+    target = tmp_path / "sub" / "result.json"
+    with assets.atomic_file(target) as tmp:
+        assert tmp.parent == target.parent and tmp.name.endswith(".tmp")
+        tmp.write_text("one")
+        assert not target.exists()  # nothing visible until the block ends
+    assert target.read_text() == "one"
+    with pytest.raises(RuntimeError), assets.atomic_file(target) as tmp:
+        tmp.write_text("half")
+        raise RuntimeError("killed mid-write")
+    assert target.read_text() == "one"  # the old file stands
+    assert sorted(p.name for p in target.parent.iterdir()) == ["result.json"]  # no temp left behind
+    umask = assets._umask()
+    assert target.stat().st_mode & 0o777 == 0o666 & ~umask  # the usual mode, not mkstemp's 0600

@@ -117,6 +117,22 @@ def _umask() -> int:
 
 
 @contextlib.contextmanager
+def atomic_file(target: str | Path) -> Iterator[Path]:
+    """Yield a temporary path beside `target` that replaces it only if the block finishes without error:
+    a reader never sees half a file. The name holds the writer's pid, so two processes writing the same
+    target never share it (not mkstemp: its 0600 mode would make a shared cache private); it ends in
+    `.tmp`, so that no glob for the target's kind (`*.tar`, `*.npz`) takes a killed writer's leftover."""
+    target = Path(target)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = target.with_name(f".{target.name}.{os.getpid()}.tmp")
+    try:
+        yield tmp
+        os.replace(tmp, target)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+@contextlib.contextmanager
 def atomic_dir(target: Path) -> Iterator[Path]:
     """Yield a temporary directory that becomes `target` only if the block finishes without error."""
     target.parent.mkdir(parents=True, exist_ok=True)

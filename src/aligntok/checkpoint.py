@@ -23,9 +23,8 @@ import hashlib
 import json
 import os
 import shutil
-import tempfile
 import warnings
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -35,6 +34,7 @@ from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
 
 from aligntok import __version__, distributed
+from aligntok.assets import atomic_file
 
 WEIGHTS_NAME = "model.safetensors"
 CONFIG_NAME = "config.json"
@@ -45,17 +45,6 @@ def _bad_export(path: Path, reason: str) -> ValueError:
         f"{path}: {reason}; an export directory must hold {WEIGHTS_NAME} + {CONFIG_NAME} "
         "as written by save_pretrained (or checkpoint.save_export)"
     )
-
-
-def _write_atomic(path: Path, write: Callable[[Path], None]) -> None:
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.tmp-")
-    os.close(fd)
-    try:
-        write(Path(tmp))
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
 
 
 def _state_for_saving(model: nn.Module) -> dict[str, Tensor]:
@@ -82,8 +71,10 @@ def save_export(
     document = {**config, "meta": {"aligntok_version": __version__, **(extra_meta or {})}}
     text = json.dumps(document, indent=2, sort_keys=False) + "\n"  # fails here, before any file is touched
     state = _state_for_saving(model)
-    _write_atomic(directory / WEIGHTS_NAME, lambda p: save_file(state, str(p), metadata={"format": "pt"}))
-    _write_atomic(directory / CONFIG_NAME, lambda p: p.write_text(text))
+    with atomic_file(directory / WEIGHTS_NAME) as tmp:
+        save_file(state, str(tmp), metadata={"format": "pt"})
+    with atomic_file(directory / CONFIG_NAME) as tmp:
+        tmp.write_text(text)
     return directory
 
 
@@ -235,7 +226,8 @@ def save_training_state(
         torch.save(state, tmp / TRAIN_STATE)
         shutil.rmtree(final, ignore_errors=True)
         os.replace(tmp, final)
-        _write_atomic(ckpt_dir / LATEST, lambda p: p.write_text(final.name + "\n"))
+        with atomic_file(ckpt_dir / LATEST) as tmp_latest:
+            tmp_latest.write_text(final.name + "\n")
         for old in ckpt_dir.glob("step-*"):
             if old != final:
                 shutil.rmtree(old)

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -12,6 +11,8 @@ from typing import Any
 import numpy as np
 import torch
 from PIL import Image
+
+from aligntok.assets import atomic_file
 
 
 def to_uint8(images: torch.Tensor) -> np.ndarray:
@@ -129,11 +130,8 @@ def html_page(title: str, sections: list[tuple[str, str]]) -> str:
 
 def write_json(result: dict[str, Any], path: str | Path) -> None:
     """Write `result` as indented JSON atomically (temp file + rename): a reader never sees half a file."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    tmp.write_text(json.dumps(result, indent=2) + "\n")
-    os.replace(tmp, path)
+    with atomic_file(path) as tmp:
+        tmp.write_text(json.dumps(result, indent=2) + "\n")
 
 
 def cached_json(path: str | Path, compute: Callable[[], dict[str, Any]]) -> dict[str, Any]:

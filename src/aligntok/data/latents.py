@@ -18,7 +18,6 @@ from __future__ import annotations
 import functools
 import json
 import math
-import os
 from pathlib import Path
 from typing import Any
 
@@ -29,8 +28,10 @@ from torch.utils.data import DataLoader, Subset
 from tqdm.auto import tqdm
 
 from aligntok import distributed
+from aligntok.assets import atomic_file
 from aligntok.checkpoint import export_hash
 from aligntok.data.shards import ShardDataset
+from aligntok.report import write_json
 
 META = "meta.json"
 
@@ -94,9 +95,8 @@ def build_cache(
                 tensors["indices"].append(batch["index"].long())
                 tensors["flipped"].append(torch.full((len(view),), flipped, dtype=torch.uint8))
         shard = {k: torch.cat(v).contiguous() for k, v in tensors.items()}
-        tmp = _shard_path(out, i).with_suffix(".tmp")
-        save_file(shard, str(tmp))
-        os.replace(tmp, _shard_path(out, i))
+        with atomic_file(_shard_path(out, i)) as tmp:
+            save_file(shard, str(tmp))
         bar.update()
     bar.close()
     distributed.barrier()
@@ -181,9 +181,7 @@ def _write_meta(
         "mean": mean.tolist(),
         "std": std.tolist(),
     }
-    tmp = out / (META + ".tmp")
-    tmp.write_text(json.dumps(meta, indent=2) + "\n")
-    os.replace(tmp, out / META)
+    write_json(meta, out / META)
 
 
 class LatentCache:

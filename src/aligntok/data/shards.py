@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import itertools
 import json
-import os
 import tarfile
 from collections.abc import Iterator
 from pathlib import Path
@@ -33,8 +32,10 @@ import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 from tqdm.auto import tqdm
 
+from aligntok.assets import atomic_file
 from aligntok.data.folder import IMAGE_SUFFIXES, ImageFolderDataset
 from aligntok.data.images import center_crop_adm, check_resolution, check_split, load_image, pil_to_uint8
+from aligntok.report import write_json
 
 META = "meta.json"
 FORMAT = "aligntok-shards-1"
@@ -67,8 +68,7 @@ def write_shards(images: str | Path, out: str | Path, *, shard_size: int = 1000)
         starts = range(0, len(folder.files), shard_size)
         for n, start in enumerate(tqdm(starts, desc=f"writing {split} shards")):
             name = f"{split}-{n:06d}.tar"
-            tmp = out / f".{name}.tmp"
-            with open(tmp, "wb") as f, wds.TarWriter(f) as sink:
+            with atomic_file(out / name) as tmp, open(tmp, "wb") as f, wds.TarWriter(f) as sink:
                 for i in range(start, min(start + shard_size, len(folder.files))):
                     path = folder.files[i]
                     sink.write(
@@ -79,11 +79,9 @@ def write_shards(images: str | Path, out: str | Path, *, shard_size: int = 1000)
                             "txt": folder.captions[i],
                         }
                     )
-            os.replace(tmp, out / name)
             shards.append([name, min(shard_size, len(folder.files) - start)])
         meta["splits"][split] = shards
-    (out / (META + ".tmp")).write_text(json.dumps(meta, indent=2) + "\n")
-    os.replace(out / (META + ".tmp"), out / META)
+    write_json(meta, out / META)
     total = sum(n for s in meta["splits"].values() for _, n in s)
     print(f"{total} images written as {sum(len(s) for s in meta['splits'].values())} shards to {out}")
     return out

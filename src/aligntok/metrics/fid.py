@@ -36,7 +36,6 @@ import functools
 import hashlib
 import json
 import math
-import os
 import re
 import warnings
 from collections.abc import Callable, Iterable
@@ -516,18 +515,11 @@ def _dataset_id(spec: str | Path) -> str:
 
 def _save_features(path: Path, features: Features, meta: dict) -> None:
     """Atomic write: pool as float32 (the network's own precision, half the bytes), logits, meta JSON."""
-    path.parent.mkdir(parents=True, exist_ok=True)
     arrays = {"pool": features.pool.astype(np.float32), "meta": np.array(json.dumps(meta))}
     if features.logits is not None:
         arrays["logits"] = features.logits.astype(np.float32)
-    # A per-process temporary name (not mkstemp, whose 0600 mode would make a shared cache private).
-    tmp = str(path.with_name(f".{path.stem}.{os.getpid()}.tmp.npz"))
-    try:
-        np.savez(tmp, **arrays)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
+    with assets.atomic_file(path) as tmp, open(tmp, "wb") as f:
+        np.savez(f, **arrays)  # a file object: np.savez would append .npz to a path
 
 
 def _load_features(path: Path) -> Features:
