@@ -89,6 +89,20 @@ def test_stream_splits_shards_over_ranks_and_resumes_exactly(shards) -> None:
         ds.loader(batch=2, seed=0, start=0, stop=1, world=2, num_workers=3)
 
 
+def test_stream_skips_an_undecodable_sample_with_a_warning(tmp_path, folder) -> None:
+    broken = tmp_path / "broken"
+    shutil.copytree(folder, broken)
+    png = broken / "red" / "0.png"
+    png.write_bytes(png.read_bytes()[:-30])  # the header reads (so it is listed), the pixels do not
+    out = tmp_path / "shards"
+    write_shards(broken, out, shard_size=3)
+    ds = ShardDataset(out, resolution=8)
+    bad = ImageFolderDataset(broken, resolution=8).files.index(png)
+    with pytest.warns(UserWarning, match=rf"sample {bad:09d} does not decode; skipped"):
+        seen = _indices(ds.loader(batch=1, seed=0, start=0, stop=11))
+    assert sorted(seen) == sorted(set(range(12)) - {bad})  # one epoch: every other image, once
+
+
 def test_step_batch_sampler_covers_every_index_once_per_epoch() -> None:
     # 26 items, global batch 8 over 2 ranks: an epoch is 3 steps; 2 items dropped, every other seen once.
     seen = [

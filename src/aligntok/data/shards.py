@@ -16,7 +16,9 @@ in shard order; DataLoader workers split the shards between them. Training strea
 of w reads shards r, r + w, ... of a per-epoch shuffled order (so every sample is read once per epoch by
 the whole job), each DataLoader worker a share of those, each shard's samples shuffled in memory. Resume is
 exact at the same number of ranks and workers: a stream is a pure function of (seed, epoch, rank, worker),
-and the batches already trained on are skipped before decoding. Needs at least ranks x workers shards.
+and the batches already trained on are skipped before decoding. Skipping counts samples without decoding
+them, so an undecodable sample (a warning names it) before the resume point shifts the resumed stream by
+one sample. Needs at least ranks x workers shards.
 """
 
 from __future__ import annotations
@@ -24,6 +26,7 @@ from __future__ import annotations
 import itertools
 import json
 import tarfile
+import warnings
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -232,6 +235,11 @@ class _Stream(IterableDataset):
                         continue
                     item = self.ds._decode(raws[j])
                     if item is None:
+                        warnings.warn(
+                            f"{self.ds.shards[i].name}: sample {raws[j]['__key__']} does not decode; skipped "
+                            "(a run resumed after this point reads one sample off the uninterrupted order)",
+                            stacklevel=2,
+                        )
                         continue
                     items.append(item)
                     if len(items) == self.batch:
