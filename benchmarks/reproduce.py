@@ -271,6 +271,22 @@ def markdown(result: dict[str, Any]) -> str:
             "-" if reach is None else f"{reach:.0f}"
         ]
         lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n\n" + sweeps_markdown(result)
+
+
+def sweeps_markdown(result: dict[str, Any]) -> str:
+    """At the last checkpoint: gFID of each DiT seed, and the guidance and sampling-steps sweeps (seed 0)."""
+    first = next(iter(result["tokenizers"].values()))
+    last = list(first["gfid"])[-1]
+    scales, steps = list(first["cfg_sweep"]), list(first["sampling_steps_sweep"])
+    head = ["tokenizer", f"gFID@{last} per seed"]
+    head += [f"guidance {w}" for w in scales] + [f"{s} Euler steps, no CFG" for s in steps]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for name, t in result["tokenizers"].items():
+        cells = [name, " / ".join(f"{v:.1f}" for v in t["gfid_seeds"][last])]
+        cells += [f"{t['cfg_sweep'][w]:.1f}" for w in scales]
+        cells += [f"{t['sampling_steps_sweep'][s]:.1f}" for s in steps]
+        lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
 

@@ -49,6 +49,33 @@ def test_recipes_share_the_budget_and_blur_trains_less() -> None:
     assert rep.tokenizer_recipe("vae", "fashion-mnist", budget).data == "fashion-mnist"
 
 
+def test_markdown_tables_hold_every_tokenizer_checkpoint_seed_and_sweep() -> None:
+    def tok(base: float, seeds: list[float]) -> dict:
+        return {
+            "psnr": 20.0, "lpips": 0.2, "rfid": 100.0, "probe": 0.5, "cknna": 0.9,
+            "gfid": {"600": base + 10, "1200": sum(seeds) / len(seeds)},
+            "gfid_nocfg": {"600": base + 20, "1200": base + 5},
+            "gfid_seeds": {"600": [base + 10] * len(seeds), "1200": seeds},
+            "cfg_sweep": {"1.5": base + 3, "3": seeds[0]},
+            "sampling_steps_sweep": {"10": base + 9, "30": base + 5},
+        }  # fmt: skip
+
+    result = {"tokenizers": {"aligntok": tok(100, [101.0, 99.0]), "vae": tok(120, [120.0])}}
+    result["steps_to_target"] = {"aligntok": 450.0, "vae": 1200.0}
+    main, sweeps = rep.markdown(result).split("\n\n")
+    rows = main.splitlines()
+    assert rows[0].count("gFID@") == 4 and rows[0].endswith("steps to VAE |") and len(rows) == 4
+    assert rows[2].startswith("| aligntok | 20.00 | 0.200 | 100.0 | 50.0% | 0.900 | 110.0 | 100.0 |")
+    assert rows[2].endswith("| 120.0 | 105.0 | 450 |")
+    head, _, a, v = sweeps.splitlines()
+    assert head == (
+        "| tokenizer | gFID@1200 per seed | guidance 1.5 | guidance 3 | 10 Euler steps, no CFG "
+        "| 30 Euler steps, no CFG |"
+    )
+    assert a == "| aligntok | 101.0 / 99.0 | 103.0 | 101.0 | 109.0 | 105.0 |"
+    assert v == "| vae | 120.0 | 123.0 | 120.0 | 129.0 | 125.0 |"
+
+
 @pytest.mark.slow
 def test_study_reuses_stage1_and_reports_every_checkpoint(tmp_path, stub_inception) -> None:
     data = str(make_image_folder(tmp_path / "shapes", per_class=20))
