@@ -185,6 +185,17 @@ def study_tokenizer(name: str, dataset: str, budget: Budget, out: Path) -> dict[
     gfid: dict[int, list[float]] = {c: [] for c in budget.checkpoints}
     gfid_nocfg: dict[int, list[float]] = {c: [] for c in budget.checkpoints}
     common = {"data": dataset, "num": budget.num_samples, "ref_num": budget.ref_num, "bf16": True}
+
+    def measure(
+        export: Path, samples: Path, what: str, *, cfg: float = 1.0, steps: int | None = None
+    ) -> float:
+        """gFID of `export`'s samples in `samples` (found there if measured before), logged as it comes."""
+        steps = steps or budget.sample_steps
+        guided = {"cfg_scale": cfg, "interval": CFG_INTERVAL} if cfg != 1.0 else {}
+        fid = generation_fid(export, out=samples, steps=steps, **guided, **common)["fid"]
+        print(f"{name}, {what}, guidance {cfg:g}, {steps} Euler steps: gFID {fid:.2f}", flush=True)
+        return fid
+
     for seed in seeds:
         cfg = apply_overrides(
             dit_train_recipe(budget.dit_recipe),
@@ -201,38 +212,27 @@ def study_tokenizer(name: str, dataset: str, budget: Budget, out: Path) -> dict[
         for c in budget.checkpoints:
             export = run / "exports" / f"step-{c:07d}"
             samples = out / name / "samples" / f"seed{seed}-step{c}"
-            gfid[c].append(
-                generation_fid(
-                    export,
-                    out=samples / f"cfg{budget.cfg:g}",
-                    steps=budget.sample_steps,
-                    cfg_scale=budget.cfg,
-                    interval=CFG_INTERVAL,
-                    **common,
-                )["fid"]
-            )
-            gfid_nocfg[c].append(
-                generation_fid(export, out=samples / "cfg1", steps=budget.sample_steps, **common)["fid"]
-            )
+            what = f"seed {seed}, {c} DiT steps"
+            gfid[c].append(measure(export, samples / f"cfg{budget.cfg:g}", what, cfg=budget.cfg))
+            gfid_nocfg[c].append(measure(export, samples / "cfg1", what))
     # The sweeps at the last checkpoint (seed 0); a setting already measured there is read, not redone.
     last = out / name / "dit-seed0" / "exports" / f"step-{budget.checkpoints[-1]:07d}"
     done = out / name / "samples" / f"seed0-step{budget.checkpoints[-1]}"
     sweep = out / name / "samples" / "sweep"
+    what = f"seed 0, {budget.checkpoints[-1]} DiT steps"
     cfg_sweep = {
-        f"{w:g}": generation_fid(
+        f"{w:g}": measure(
             last,
-            out=done / f"cfg{w:g}" if w == budget.cfg else sweep / f"cfg{w:g}",
-            steps=budget.sample_steps,
-            cfg_scale=w,
-            interval=CFG_INTERVAL,
-            **common,
-        )["fid"]
+            done / f"cfg{w:g}" if w == budget.cfg else sweep / f"cfg{w:g}",
+            what,
+            cfg=w,
+        )
         for w in budget.cfg_sweep
     }
     steps_sweep = {
-        str(s): generation_fid(
-            last, out=done / "cfg1" if s == budget.sample_steps else sweep / f"steps{s}", steps=s, **common
-        )["fid"]
+        str(s): measure(
+            last, done / "cfg1" if s == budget.sample_steps else sweep / f"steps{s}", what, steps=s
+        )
         for s in budget.steps_sweep
     }
     return {
