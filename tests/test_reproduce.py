@@ -116,11 +116,14 @@ def test_summary_marks_pending_work_and_targets_the_vae() -> None:
     args = argparse.Namespace(dataset="emoji", budget="debug")
     floor = {"fid": 10.0}
     aligntok = {"gfid": {"3": 50.0, "6": 30.0}}
-    partial = rep.summarize(args, budget, floor, {"aligntok": aligntok}, pending=["vae"], t0=0.0)
-    assert partial["complete"] is False and partial["pending"] == ["vae"]
+    partial = rep.summarize(args, budget, floor, {"aligntok": aligntok}, t0=0.0)
+    assert partial["complete"] is False and partial["pending"] == list(rep.TOKENIZERS)[1:]
     assert partial["target"] is None and partial["steps_to_target"] == {}
     vae = {"gfid": {"3": 60.0, "6": 40.0}}
-    done = rep.summarize(args, budget, floor, {"aligntok": aligntok, "vae": vae}, pending=[], t0=0.0)
-    assert done["complete"] is True and done["target"]["gfid"] == 40.0
+    pair = rep.summarize(args, budget, floor, {"aligntok": aligntok, "vae": vae}, t0=0.0)
+    assert pair["complete"] is False and "vavae" in pair["pending"]  # a --tokenizers subset
+    everything = {name: aligntok for name in rep.TOKENIZERS} | {"vae": vae}
+    done = rep.summarize(args, budget, floor, everything, t0=0.0)
+    assert done["complete"] is True and done["pending"] == [] and done["target"]["gfid"] == 40.0
     assert done["steps_to_target"]["vae"] == 6.0
     assert done["steps_to_target"]["aligntok"] == pytest.approx(3 + 3 * (50 - 40) / (50 - 30))
