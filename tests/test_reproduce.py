@@ -3,6 +3,7 @@ Inception (the real runs are in docs/results.md)."""
 
 from __future__ import annotations
 
+import dataclasses
 import importlib.util
 import math
 import sys
@@ -33,6 +34,14 @@ def test_steps_to_reach_interpolates_between_checkpoints() -> None:
     assert rep.steps_to_reach(curve, 125.0) == pytest.approx(300.0)  # halfway from 150 to 100
     assert rep.steps_to_reach(curve, 150.0) == 200.0
     assert rep.steps_to_reach(curve, 99.0) is None
+
+
+def test_reference_is_a_subset_only_when_the_split_is_larger(tmp_path) -> None:
+    data = str(make_image_folder(tmp_path / "shapes", per_class=20))  # 40 training images
+    budget = rep.BUDGETS["debug"]
+    assert rep.reference_size(data, budget) == budget.ref_num < 40
+    assert rep.reference_size(data, dataclasses.replace(budget, ref_num=40)) is None  # all: same cache key
+    assert rep.reference_size(data, dataclasses.replace(budget, ref_num=None)) is None
 
 
 def test_recipes_share_the_budget_and_blur_trains_less() -> None:
