@@ -71,7 +71,7 @@ class Budget:
     seeds: int
     num_samples: int
     ref_num: int | None  # training images in the gFID reference: a seeded subset this large (None, or a
-    # split no larger: all of them)
+    # split no larger: all of them; main resolves it per dataset with reference_size)
     cfg: float  # guidance scale of the per-checkpoint gFID
     cfg_sweep: tuple[float, ...]  # scales tried at the last checkpoint (seed 0)
     sample_steps: int
@@ -199,8 +199,7 @@ def study_tokenizer(name: str, dataset: str, budget: Budget, out: Path) -> dict[
     seeds = range(budget.seeds if name in SEEDED else 1)
     gfid: dict[int, list[float]] = {c: [] for c in budget.checkpoints}
     gfid_nocfg: dict[int, list[float]] = {c: [] for c in budget.checkpoints}
-    ref_num = reference_size(dataset, budget)
-    common = {"data": dataset, "num": budget.num_samples, "ref_num": ref_num, "bf16": True}
+    common = {"data": dataset, "num": budget.num_samples, "ref_num": budget.ref_num, "bf16": True}
 
     def measure(
         export: Path, samples: Path, what: str, *, cfg: float = 1.0, steps: int | None = None
@@ -340,6 +339,9 @@ def main() -> None:
             parser.error(f"--report-only: {json_path} does not exist yet; run the study first")
         report(json.loads(json_path.read_text()), plot_path)
         return
+    # The reference size resolved once for this dataset (None where the cap holds the whole split): the
+    # floor, every gFID and the result file's budget_settings use the same value.
+    budget = dataclasses.replace(budget, ref_num=reference_size(args.dataset, budget))
     t0 = time.time()
     resolution = tokenizer_recipe(names[0], args.dataset, budget).model.image_size
     floor = cached_json(
@@ -348,7 +350,7 @@ def main() -> None:
             args.dataset,
             num=budget.num_samples,
             resolution=resolution,
-            ref_num=reference_size(args.dataset, budget),
+            ref_num=budget.ref_num,
             bf16=True,
         ),
     )
