@@ -59,8 +59,8 @@ def test_recipes_share_the_budget_and_blur_trains_less() -> None:
 
 
 def test_markdown_tables_hold_every_tokenizer_checkpoint_seed_and_sweep() -> None:
-    def tok(base: float, seeds: list[float]) -> dict:
-        return {
+    def tok(base: float, seeds: list[float], swept: bool = True) -> dict:
+        t = {
             "psnr": 20.0, "lpips": 0.2, "rfid": 100.0, "probe": 0.5, "cknna": 0.9,
             "gfid": {"600": base + 10, "1200": sum(seeds) / len(seeds)},
             "gfid_nocfg": {"600": base + 20, "1200": base + 5},
@@ -68,21 +68,30 @@ def test_markdown_tables_hold_every_tokenizer_checkpoint_seed_and_sweep() -> Non
             "cfg_sweep": {"1.5": base + 3, "3": seeds[0]},
             "sampling_steps_sweep": {"10": base + 9, "30": base + 5},
         }  # fmt: skip
+        return t if swept else t | {"cfg_sweep": {}, "sampling_steps_sweep": {}}
 
-    result = {"tokenizers": {"aligntok": tok(100, [101.0, 99.0]), "vae": tok(120, [120.0])}}
-    result["steps_to_target"] = {"aligntok": 450.0, "vae": 1200.0}
+    result = {
+        "tokenizers": {
+            "aligntok": tok(100, [101.0, 99.0]),
+            "vae": tok(120, [120.0]),
+            "vae_blur": tok(130, [130.0], swept=False),
+        }
+    }
+    result["steps_to_target"] = {"aligntok": 450.0, "vae": 1200.0, "vae_blur": None}
     main, sweeps = rep.markdown(result).split("\n\n")
     rows = main.splitlines()
-    assert rows[0].count("gFID@") == 4 and rows[0].endswith("steps to VAE |") and len(rows) == 4
+    assert rows[0].count("gFID@") == 4 and rows[0].endswith("steps to VAE |") and len(rows) == 5
     assert rows[2].startswith("| aligntok | 20.00 | 0.200 | 100.0 | 50.0% | 0.900 | 110.0 | 100.0 |")
     assert rows[2].endswith("| 120.0 | 105.0 | 450 |")
-    head, _, a, v = sweeps.splitlines()
+    assert rows[4].endswith("| 135.0 | - |")
+    head, _, a, v, blur = sweeps.splitlines()
     assert head == (
         "| tokenizer | gFID@1200 per seed | guidance 1.5 | guidance 3 | 10 Euler steps, no CFG "
         "| 30 Euler steps, no CFG |"
     )
     assert a == "| aligntok | 101.0 / 99.0 | 103.0 | 101.0 | 109.0 | 105.0 |"
     assert v == "| vae | 120.0 | 123.0 | 120.0 | 129.0 | 125.0 |"
+    assert blur == "| vae_blur | 130.0 | - | - | - | - |"  # outside SWEPT: no sweeps measured
 
 
 @pytest.mark.slow
@@ -101,8 +110,10 @@ def test_study_reuses_stage1_and_reports_every_checkpoint(tmp_path, stub_incepti
     for result in (first, wsp0):
         assert set(result["gfid"]) == set(result["gfid_nocfg"]) == {str(c) for c in budget.checkpoints}
         assert all(math.isfinite(v) for v in result["gfid"].values())
-        assert set(result["cfg_sweep"]) == {f"{w:g}" for w in budget.cfg_sweep}
-        assert set(result["sampling_steps_sweep"]) == {str(s) for s in budget.steps_sweep}
+    # Only the paper's three-way comparison is swept.
+    assert set(first["cfg_sweep"]) == {f"{w:g}" for w in budget.cfg_sweep}
+    assert set(first["sampling_steps_sweep"]) == {str(s) for s in budget.steps_sweep}
+    assert wsp0["cfg_sweep"] == wsp0["sampling_steps_sweep"] == {}
     # aligntok is trained with budget.seeds DiT seeds; the mean is what "gfid" reports.
     seeds = first["gfid_seeds"][str(budget.checkpoints[-1])]
     assert len(seeds) == budget.seeds and len(wsp0["gfid_seeds"][str(budget.checkpoints[-1])]) == 1
