@@ -10,6 +10,7 @@ import pytest
 import torch
 
 from aligntok import flow
+from aligntok import generate as generate_module
 from aligntok.config import apply_overrides
 from aligntok.data.latents import LatentCache, build_cache
 from aligntok.generate import generate
@@ -177,3 +178,37 @@ def test_sample_writes_pngs_grid_npz_and_refuses_other_tokenizer(setup, tmp_path
         generate(dit_dir=export, num=2, out=tmp_path / "bad", steps=2, tokenizer_dir=setup["tok_b"])
     with pytest.raises(ValueError, match="out of range"):
         generate(dit_dir=export, num=2, out=tmp_path / "bad", steps=2, class_id=7)
+
+
+def test_interrupted_sampling_resumes_from_its_finished_batches(setup, tmp_path, monkeypatch) -> None:
+    export = train_dit(_cfg(steps=4, batch_size=8), latents=setup["cache"], out=tmp_path / "run")
+    kw = {"dit_dir": export, "num": 10, "steps": 2, "cfg_scale": 2.0, "batch_size": 3, "save_pngs": False}
+    whole = np.load(generate(out=tmp_path / "whole", **kw) / "samples.npz")["arr_0"]  # 4 batches: 3+3+3+1
+
+    class Interrupted(Exception):
+        pass
+
+    real, calls = generate_module.sample_latents, {"n": 0, "stop_at": 3}
+
+    def counted(*args, **kwargs):
+        calls["n"] += 1
+        if calls["n"] == calls["stop_at"]:
+            raise Interrupted
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(generate_module, "sample_latents", counted)
+    with pytest.raises(Interrupted):
+        generate(out=tmp_path / "cut", **kw)
+    partial = tmp_path / "cut" / "partial"
+    assert sorted(p.name for p in partial.glob("*.npy")) == ["batch-000000.npy", "batch-000001.npy"]
+    calls.update(n=0, stop_at=None)
+    resumed = generate(out=tmp_path / "cut", **kw)
+    assert calls["n"] == 2  # batches 2 and 3 only
+    assert np.array_equal(np.load(resumed / "samples.npz")["arr_0"], whole)  # the same images, in order
+    assert not partial.exists()
+    # Batches of other settings are not mixed in: a different guidance scale samples every batch again.
+    generate_module.write_json({"cfg": 2.0}, partial / "settings.json")
+    np.save(partial / "batch-000000.npy", np.zeros((3, 32, 32, 3), np.uint8))
+    calls["n"] = 0
+    generate(out=tmp_path / "cut", **kw | {"cfg_scale": 3.0})
+    assert calls["n"] == 4

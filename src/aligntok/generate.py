@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import shutil
 from pathlib import Path
 from typing import Literal
 
@@ -11,9 +12,10 @@ import torch
 from tqdm.auto import tqdm
 
 from aligntok import distributed, flow, sampling
+from aligntok.assets import atomic_file
 from aligntok.checkpoint import export_hash
 from aligntok.data.latents import check_tokenizer
-from aligntok.report import make_grid, save_image, save_npz, to_uint8
+from aligntok.report import make_grid, save_image, save_npz, to_uint8, write_json
 from aligntok.train.dit import TrainedDiT, load_dit
 
 SAMPLERS = {"euler": sampling.euler, "heun": sampling.heun, "sde": sampling.euler_maruyama}
@@ -67,6 +69,21 @@ def sample_latents(
     return z0 * dit.std.to(device).view(1, -1, 1, 1) + dit.mean.to(device).view(1, -1, 1, 1)
 
 
+def _partial_dir(out: Path, record: dict, world: distributed.World) -> Path:
+    """`out/partial`: the batches an interrupted run of the same settings finished (emptied otherwise)."""
+    partial = out / "partial"
+    if world.is_main:
+        try:
+            same = json.loads((partial / "settings.json").read_text()) == record
+        except (OSError, ValueError):
+            same = False
+        if not same:
+            shutil.rmtree(partial, ignore_errors=True)
+            write_json(record, partial / "settings.json")
+    distributed.barrier()
+    return partial
+
+
 @torch.no_grad()
 def generate(
     *,
@@ -109,12 +126,35 @@ def generate(
         if class_id is not None
         else sampling.balanced_labels(num, num_classes, generator=gen)
     )
-    # Batch b draws its noise from seed + b: results do not depend on how batches are spread over ranks.
+    record = {  # sampling.json: what these samples are
+        "dit": str(Path(dit_dir).resolve()),
+        "dit_hash": export_hash(dit_dir),  # which weights: a retrained run at the same path differs
+        "tokenizer": str(tokenizer_dir.resolve()),
+        "num": num,
+        "steps": steps,
+        "cfg": cfg_scale,
+        "interval": list(interval),
+        "sampler": sampler,
+        "shift": shift,
+        "seed": seed,
+        "class": class_id,
+        "guide": str(guide_dir) if guide_dir else None,
+        "guide_hash": export_hash(guide_dir) if guide_dir else None,
+        "batch_size": batch_size,
+        "bf16": bf16,
+    }
+    partial = _partial_dir(out, record, world)
+    # Batch b draws its noise from seed + b: results do not depend on how batches are spread over ranks, nor
+    # on whether a batch was sampled before an interruption (its images are kept in `partial`).
     batches = list(torch.arange(num).split(batch_size))
     mine = range(world.rank, len(batches), world.world_size)
     images, kept = [], []
     for b in tqdm(mine, desc="sampling", disable=not world.is_main):
-        idx = batches[b]
+        idx, done = batches[b], partial / f"batch-{b:06d}.npy"
+        if done.is_file():
+            images.append(np.load(done))
+            kept.append(idx)
+            continue
         g = torch.Generator(world.device).manual_seed(seed * 1_000_003 + b)
         z = sample_latents(
             dit,
@@ -130,6 +170,8 @@ def generate(
         )
         images.append(to_uint8(tokenizer.decode(z)))
         kept.append(idx)
+        with atomic_file(done) as tmp, tmp.open("wb") as f:
+            np.save(f, images[-1])
     if world.world_size > 1:
         gathered: list = [None] * world.world_size
         torch.distributed.all_gather_object(gathered, (images, kept))
@@ -139,31 +181,12 @@ def generate(
         return out
     order = torch.cat(kept).argsort()
     arr = np.concatenate(images)[order.numpy()]
-    out.mkdir(parents=True, exist_ok=True)
     if save_pngs:
         for i, img in enumerate(arr):
             save_image(img, out / "images" / f"{i:06d}.png")
     save_image(make_grid(arr[: min(len(arr), 64)]), out / "grid.png", scale=2)
     save_npz(arr, out / "samples.npz", labels=labels.numpy())
-    (out / "sampling.json").write_text(
-        json.dumps(
-            {
-                "dit": str(Path(dit_dir).resolve()),
-                "dit_hash": export_hash(dit_dir),  # which weights: a retrained run at the same path differs
-                "tokenizer": str(tokenizer_dir.resolve()),
-                "num": num,
-                "steps": steps,
-                "cfg": cfg_scale,
-                "interval": list(interval),
-                "sampler": sampler,
-                "shift": shift,
-                "seed": seed,
-                "class": class_id,
-                "guide": str(guide_dir) if guide_dir else None,
-            },
-            indent=2,
-        )
-        + "\n"
-    )
+    write_json(record, out / "sampling.json")
+    shutil.rmtree(partial)
     print(f"{num} samples written to {out} (grid.png, samples.npz{', images/' if save_pngs else ''})")
     return out
