@@ -13,7 +13,9 @@ For each: rFID, PSNR, LPIPS, class-balanced linear probe and CKNNA (`aligntok to
 then the same DiT recipe on its latents, with gFID against the training images with and without guidance
 at every checkpoint (the mean over seeds; `aligntok` and `vae` get `seeds` training seeds), for `aligntok`,
 `vae` and `vavae` a guidance sweep and a sampling-steps sweep at the last checkpoint, the DiT steps each
-needs to reach the vanilla VAE's final gFID, and the real-vs-real FID floor at the same sample count.
+needs to reach the vanilla VAE's final gFID, and the real-vs-real FID floor at the same sample count, and
+for each tokenizer its reconstruction floor (the same real images through the tokenizer: the gFID its
+decoder sets, however well a DiT learns the latents).
 Every step is resumable (rerun the same command). Writes benchmarks/results/reproduce-<dataset>.json (after
 each tokenizer, with `complete` and `pending`), docs/img/reproduce-<dataset>.png (the convergence plot)
 and prints the markdown tables for docs/results.md.
@@ -196,6 +198,19 @@ def study_tokenizer(name: str, dataset: str, budget: Budget, out: Path) -> dict[
     metrics = tokenizer_metrics(
         tok, dataset, num=budget.eval_num, bf16=True, out=out / name / "tokenizer_eval.json"
     )
+    # The decoder's share of every gFID below: its reconstructions of the floor's real images against the
+    # same reference (evaluate.fid_floor), the gFID of a DiT that sampled real images' latents exactly.
+    recon_floor = cached_json(
+        out / name / "recon_floor.json",
+        lambda: fid_floor(
+            dataset,
+            num=budget.num_samples,
+            resolution=tokenizer_recipe(name, dataset, budget).model.image_size,
+            ref_num=budget.ref_num,
+            bf16=True,
+            tokenizer_dir=tok,
+        ),
+    )
     cache = build_cache(
         tokenizer_dir=tok, data=dataset, out=out / name / "latents", flip=budget.flip, bf16=True
     )
@@ -260,6 +275,7 @@ def study_tokenizer(name: str, dataset: str, budget: Budget, out: Path) -> dict[
         "lpips": metrics["lpips"],
         "probe": metrics["probe_balanced"],
         "cknna": metrics["cknna"],
+        "recon_floor": recon_floor["fid"],
         "gfid": {str(c): float(np.mean(v)) for c, v in gfid.items()},
         "gfid_nocfg": {str(c): float(np.mean(v)) for c, v in gfid_nocfg.items()},
         "gfid_seeds": {str(c): v for c, v in gfid.items()},
@@ -273,7 +289,7 @@ def study_tokenizer(name: str, dataset: str, budget: Budget, out: Path) -> dict[
 
 def markdown(result: dict[str, Any]) -> str:
     checkpoints = list(next(iter(result["tokenizers"].values()))["gfid"])
-    head = ["tokenizer", "PSNR", "LPIPS", "rFID", "probe", "CKNNA"]
+    head = ["tokenizer", "PSNR", "LPIPS", "rFID", "probe", "CKNNA", "recon floor"]
     head += [f"gFID@{c}" for c in checkpoints] + [f"gFID@{c} no CFG" for c in checkpoints] + ["steps to VAE"]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for name, t in result["tokenizers"].items():
@@ -285,7 +301,9 @@ def markdown(result: dict[str, Any]) -> str:
             f"{t['rfid']:.1f}",
             f"{100 * t['probe']:.1f}%",
         ]
-        cells += [f"{t['cknna']:.3f}"] + [f"{t['gfid'][c]:.1f}" for c in checkpoints]
+        floor = t.get("recon_floor")  # absent from results measured before it was added
+        cells += [f"{t['cknna']:.3f}", "-" if floor is None else f"{floor:.1f}"]
+        cells += [f"{t['gfid'][c]:.1f}" for c in checkpoints]
         cells += [f"{t['gfid_nocfg'][c]:.1f}" for c in checkpoints] + [
             "-" if reach is None else f"{reach:.0f}"
         ]

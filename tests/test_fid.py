@@ -14,8 +14,12 @@ from PIL import Image
 from torch import nn
 
 from aligntok import assets
-from aligntok.evaluate import evaluate
+from aligntok.evaluate import evaluate, fid_floor
 from aligntok.metrics import fid as F
+from aligntok.metrics import reconstruction
+from aligntok.models.tokenizer import Tokenizer
+from aligntok.report import to_uint8
+from conftest import make_image_folder
 
 # ---------------------------------------------------------------------------------------------------------
 # FID maths
@@ -363,3 +367,27 @@ def test_evaluate_reads_a_sample_run_through_its_npz(tmp_path, stub_network):
     assert (run / "metrics.json").is_file()
     with pytest.raises(F.FIDError, match="does not exist"):
         evaluate(tmp_path / "missing", str(tmp_path / "ref"), progress=False)
+
+
+def test_reconstruction_floor_is_the_floor_of_the_same_images_through_the_tokenizer(
+    tmp_path, stub_network, debug_tokenizer, monkeypatch
+):
+    data = str(make_image_folder(tmp_path / "shapes", per_class=10))
+    size = Tokenizer.from_pretrained(debug_tokenizer).config.image_size
+    kw = {"num": 6, "resolution": size, "ref_num": 8}
+    real = fid_floor(data, **kw)
+    recon = fid_floor(data, **kw, tokenizer_dir=debug_tokenizer)
+    same = ("num", "split", "num_ref")
+    assert {k: recon[k] for k in same} == {k: real[k] for k in same}
+    assert recon["fid"] > real["fid"]  # an untrained decoder's reconstructions are far from the images
+    with pytest.raises(ValueError, match="px"):
+        fid_floor(data, **(kw | {"resolution": 2 * size}), tokenizer_dir=debug_tokenizer)
+
+    # A tokenizer that reconstructed perfectly would sit exactly on the real-vs-real floor: same images,
+    # same reference.
+    def perfect(tokenizer, images, **_):
+        for batch in torch.utils.data.DataLoader(images, batch_size=4):
+            yield batch["image"], to_uint8(batch["image"])
+
+    monkeypatch.setattr(reconstruction, "reconstructed", perfect)
+    assert fid_floor(data, **kw, tokenizer_dir=debug_tokenizer)["fid"] == pytest.approx(real["fid"], abs=1e-6)

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import dataclasses
 import importlib.util
+import json
 import math
 import sys
 from pathlib import Path
@@ -61,7 +62,7 @@ def test_recipes_share_the_budget_and_blur_trains_less() -> None:
 def test_markdown_tables_hold_every_tokenizer_checkpoint_seed_and_sweep() -> None:
     def tok(base: float, seeds: list[float], swept: bool = True) -> dict:
         t = {
-            "psnr": 20.0, "lpips": 0.2, "rfid": 100.0, "probe": 0.5, "cknna": 0.9,
+            "psnr": 20.0, "lpips": 0.2, "rfid": 100.0, "probe": 0.5, "cknna": 0.9, "recon_floor": 40.0,
             "gfid": {"600": base + 10, "1200": sum(seeds) / len(seeds)},
             "gfid_nocfg": {"600": base + 20, "1200": base + 5},
             "gfid_seeds": {"600": [base + 10] * len(seeds), "1200": seeds},
@@ -81,7 +82,7 @@ def test_markdown_tables_hold_every_tokenizer_checkpoint_seed_and_sweep() -> Non
     main, sweeps = rep.markdown(result).split("\n\n")
     rows = main.splitlines()
     assert rows[0].count("gFID@") == 4 and rows[0].endswith("steps to VAE |") and len(rows) == 5
-    assert rows[2].startswith("| aligntok | 20.00 | 0.200 | 100.0 | 50.0% | 0.900 | 110.0 | 100.0 |")
+    assert rows[2].startswith("| aligntok | 20.00 | 0.200 | 100.0 | 50.0% | 0.900 | 40.0 | 110.0 | 100.0 |")
     assert rows[2].endswith("| 120.0 | 105.0 | 450 |")
     assert rows[4].endswith("| 135.0 | - |")
     head, _, a, v, blur = sweeps.splitlines()
@@ -107,6 +108,12 @@ def test_study_reuses_stage1_and_reports_every_checkpoint(tmp_path, stub_incepti
     ]
     a, b = load_file(stage1[0]), load_file(stage1[1])
     assert a.keys() == b.keys() and all((a[k] == b[k]).all() for k in a)  # one stage 1, two stage 2s
+    # Each tokenizer's reconstruction floor: the floor's real images through that tokenizer.
+    names = ("aligntok", "aligntok_wsp0")
+    floors = {n: json.loads((out / n / "recon_floor.json").read_text()) for n in names}
+    for n, floor in floors.items():
+        assert floor["num"] == budget.num_samples and floor["tokenizer"].startswith(str((out / n).resolve()))
+    assert first["recon_floor"] == floors["aligntok"]["fid"] != wsp0["recon_floor"] > 0
     for result in (first, wsp0):
         assert set(result["gfid"]) == set(result["gfid_nocfg"]) == {str(c) for c in budget.checkpoints}
         assert all(math.isfinite(v) for v in result["gfid"].values())

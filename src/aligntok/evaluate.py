@@ -264,20 +264,65 @@ def _training_reference(
 
 
 def fid_floor(
-    data: str | Path, *, num: int, resolution: int, ref_num: int | None = None, bf16: bool = False
+    data: str | Path,
+    *,
+    num: int,
+    resolution: int,
+    ref_num: int | None = None,
+    bf16: bool = False,
+    tokenizer_dir: str | Path | None = None,
 ) -> dict[str, Any]:
     """The real-vs-real floor of `generation_fid`: FID of `num` real images against the same reference.
 
     The real images are a seeded subset of the val split when it holds `num`, else of the train split (then
     they may overlap the reference, which makes the floor optimistic; `split` in the result says which).
     A generated set cannot be expected to score below this at the same sample count.
+
+    With `tokenizer_dir`, the same images pass through that tokenizer first (encoded, decoded, saved as
+    uint8): the reconstruction floor, the gFID of a DiT whose samples were exactly the latents of real
+    images. What a gFID has above it is the DiT's; what this has above the real-vs-real floor is the
+    decoder's, which no DiT training removes.
     """
     from aligntok.data import build_dataset
 
     split = "val" if len(build_dataset(data, split="val", resolution=resolution)) >= num else "train"
     model = F.InceptionFeatures.from_assets()
     kw: dict[str, Any] = {"resolution": resolution, "bf16": bf16, "model": model}
-    real = F.reference_features(data, split=split, num=num, seed=1, **kw)
+    if tokenizer_dir is None:
+        real = F.reference_features(data, split=split, num=num, seed=1, **kw)
+    else:
+        real = _reconstruction_features(tokenizer_dir, data, split=split, num=num, seed=1, **kw)
     ref = _training_reference(data, ref_num=ref_num, **kw)
     fid = F.fid_from_stats(F.stats_from_features(ref), F.stats_from_features(real))
-    return {"fid": float(fid), "num": len(real.pool), "split": split, "num_ref": len(ref.pool)}
+    result = {"fid": float(fid), "num": len(real.pool), "split": split, "num_ref": len(ref.pool)}
+    return result | ({"tokenizer": str(Path(tokenizer_dir).resolve())} if tokenizer_dir is not None else {})
+
+
+def _reconstruction_features(
+    tokenizer_dir: str | Path,
+    data: str | Path,
+    *,
+    split: str,
+    num: int,
+    seed: int,
+    resolution: int,
+    bf16: bool,
+    model: F.InceptionFeatures,
+) -> F.Features:
+    """Inception features of the tokenizer's reconstructions of the images `F.reference_features` would
+    read for (data, split, num, seed)."""
+    from aligntok.data import build_dataset
+    from aligntok.metrics.reconstruction import reconstructed
+    from aligntok.tokenizer_eval import load_tokenizer
+
+    tokenizer = load_tokenizer(tokenizer_dir)
+    if tokenizer.config.image_size != resolution:
+        raise ValueError(
+            f"the tokenizer in {tokenizer_dir} works at {tokenizer.config.image_size} px, "
+            f"the floor at {resolution}"
+        )
+    ds = build_dataset(data, split=split, resolution=resolution)
+    if num < len(ds):
+        ds = torch.utils.data.Subset(ds, F.reference_indices(len(ds), num, seed=seed))
+    recons = (saved for _, saved in reconstructed(tokenizer, ds, bf16=bf16))
+    return F.extract_features(recons, bf16=bf16, model=model)

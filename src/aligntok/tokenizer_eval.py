@@ -156,7 +156,8 @@ def format_table(result: dict[str, Any]) -> str:
     return "\n".join(rows)
 
 
-def _load(tokenizer_dir: str | Path) -> Tokenizer:
+def load_tokenizer(tokenizer_dir: str | Path) -> Tokenizer:
+    """The exported tokenizer in `tokenizer_dir` on this process's device, frozen, in eval mode."""
     return Tokenizer.from_pretrained(tokenizer_dir).to(distributed.device()).requires_grad_(False).eval()
 
 
@@ -181,7 +182,7 @@ def evaluate_tokenizer(
     from aligntok.data import build_dataset
 
     t0 = time.time()
-    tokenizer = _load(tokenizer_dir)
+    tokenizer = load_tokenizer(tokenizer_dir)
     resolution = tokenizer.config.image_size
     test = build_dataset(data, split=split, resolution=resolution)
     if isinstance(test, torch.utils.data.IterableDataset):
@@ -264,7 +265,7 @@ def score_tokenizer(
     t0 = time.time()
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
-    tokenizer = _load(tokenizer_dir)
+    tokenizer = load_tokenizer(tokenizer_dir)
     resolution = tokenizer.config.image_size
     train = build_dataset(data, split="train", resolution=resolution)
     test = build_dataset(data, split="val", resolution=resolution)

@@ -555,6 +555,11 @@ def _cached(
     return features
 
 
+def reference_indices(n: int, num: int, *, seed: int) -> list[int]:
+    """Which `num` of `n` dataset items `reference_features(num=num, seed=seed)` reads, in dataset order."""
+    return np.sort(np.random.default_rng(seed).choice(n, num, replace=False)).tolist()
+
+
 def reference_features(
     spec: str | Path,
     *,
@@ -592,8 +597,7 @@ def reference_features(
             raise FIDError(f"num={num} images asked of {spec} {split}, which has {len(ds)}; lower num")
         items: object = ds
         if num is not None and num < len(ds):
-            index = np.sort(np.random.default_rng(seed).choice(len(ds), num, replace=False))
-            items = torch.utils.data.Subset(ds, index.tolist())
+            items = torch.utils.data.Subset(ds, reference_indices(len(ds), num, seed=seed))
         images = (b["image"] for b in torch.utils.data.DataLoader(items, batch_size=batch_size))
         return extract_features(
             images, batch_size=batch_size, bf16=bf16, device=device, progress=progress, model=model

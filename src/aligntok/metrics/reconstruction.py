@@ -140,6 +140,21 @@ def _uint8_to_float(images: np.ndarray, device: torch.device) -> Tensor:
 
 
 @torch.no_grad()
+def reconstructed(
+    tokenizer: Tokenizer, images: Dataset, *, batch_size: int = 64, bf16: bool = False, progress: bool = True
+) -> Iterator[tuple[Tensor, np.ndarray]]:
+    """Batch by batch, `images`' "image"s (B, 3, H, W) in [0, 1] on the tokenizer's device and their
+    reconstructions as saved (uint8 (B, H, W, 3), module docstring); the tokenizer runs under bf16
+    autocast when `bf16`."""
+    device = next(tokenizer.parameters()).device
+    for batch in tqdm(DataLoader(images, batch_size=batch_size), desc="reconstructing", disable=not progress):
+        x = batch["image"].to(device)
+        with distributed.autocast(bf16):
+            recon = tokenizer.decode(tokenizer.encode(x))
+        yield x, to_uint8(recon.float())
+
+
+@torch.no_grad()
 def reconstruction_metrics(
     tokenizer: Tokenizer,
     dataset: Dataset,
@@ -171,12 +186,7 @@ def reconstruction_metrics(
 
     def reconstructions() -> Iterator[np.ndarray]:
         nonlocal count
-        loader = DataLoader(subset, batch_size=batch_size)
-        for batch in tqdm(loader, desc="reconstructing", disable=not progress):
-            x = batch["image"].to(device)  # (B, 3, H, W) in [0, 1]
-            with distributed.autocast(bf16):
-                recon = tokenizer.decode(tokenizer.encode(x))
-            saved = to_uint8(recon.float())  # (B, H, W, 3) uint8: what a saved PNG holds
+        for x, saved in reconstructed(tokenizer, subset, batch_size=batch_size, bf16=bf16, progress=progress):
             r = _uint8_to_float(saved, device)
             sums["psnr"] += float(psnr(r, x).sum())
             sums["ssim"] += float(ssim(r, x).sum())
@@ -205,6 +215,7 @@ __all__ = [
     "eval_indices",
     "lpips",
     "psnr",
+    "reconstructed",
     "reconstruction_metrics",
     "rfid",
     "ssim",
