@@ -192,15 +192,11 @@ def steps_to_reach(curve: dict[int, float], target: float) -> float | None:
     return None
 
 
-def study_tokenizer(name: str, dataset: str, budget: Budget, out: Path) -> dict[str, Any]:
-    t0 = time.time()
-    tok = train_one_tokenizer(name, dataset, budget, out)
-    metrics = tokenizer_metrics(
-        tok, dataset, num=budget.eval_num, bf16=True, out=out / name / "tokenizer_eval.json"
-    )
-    # The decoder's share of every gFID below: its reconstructions of the floor's real images against the
-    # same reference (evaluate.fid_floor), the gFID of a DiT that sampled real images' latents exactly.
-    recon_floor = cached_json(
+def reconstruction_floor(name: str, dataset: str, budget: Budget, out: Path) -> dict[str, Any]:
+    """The decoder's share of every gFID of `name`: its reconstructions of the floor's real images against
+    the same reference (evaluate.fid_floor), the gFID of a DiT that sampled real images' latents exactly.
+    Cached in `out/name/recon_floor.json`; needs the trained tokenizer."""
+    return cached_json(
         out / name / "recon_floor.json",
         lambda: fid_floor(
             dataset,
@@ -208,9 +204,18 @@ def study_tokenizer(name: str, dataset: str, budget: Budget, out: Path) -> dict[
             resolution=tokenizer_recipe(name, dataset, budget).model.image_size,
             ref_num=budget.ref_num,
             bf16=True,
-            tokenizer_dir=tok,
+            tokenizer_dir=out / name / "tokenizer" / "export",
         ),
     )
+
+
+def study_tokenizer(name: str, dataset: str, budget: Budget, out: Path) -> dict[str, Any]:
+    t0 = time.time()
+    tok = train_one_tokenizer(name, dataset, budget, out)
+    metrics = tokenizer_metrics(
+        tok, dataset, num=budget.eval_num, bf16=True, out=out / name / "tokenizer_eval.json"
+    )
+    recon_floor = reconstruction_floor(name, dataset, budget, out)
     cache = build_cache(
         tokenizer_dir=tok, data=dataset, out=out / name / "latents", flip=budget.flip, bf16=True
     )
