@@ -192,19 +192,20 @@ def steps_to_reach(curve: dict[int, float], target: float) -> float | None:
     return None
 
 
-def reconstruction_floor(name: str, dataset: str, budget: Budget, out: Path) -> dict[str, Any]:
-    """The decoder's share of every gFID of `name`: its reconstructions of the floor's real images against
-    the same reference (evaluate.fid_floor), the gFID of a DiT that sampled real images' latents exactly.
-    Cached in `out/name/recon_floor.json`; needs the trained tokenizer."""
+def reconstruction_floor(run: Path, dataset: str, budget: Budget) -> dict[str, Any]:
+    """The decoder's share of every gFID of the tokenizer in `run` (a study's `<out>/<name>`, its export in
+    `tokenizer/export`): its reconstructions of the floor's real images against the same reference
+    (evaluate.fid_floor), the gFID of a DiT that sampled real images' latents exactly. Cached in
+    `run/recon_floor.json`."""
     return cached_json(
-        out / name / "recon_floor.json",
+        run / "recon_floor.json",
         lambda: fid_floor(
             dataset,
             num=budget.num_samples,
-            resolution=tokenizer_recipe(name, dataset, budget).model.image_size,
+            resolution=tokenizer_recipe("aligntok", dataset, budget).model.image_size,  # all six share it
             ref_num=budget.ref_num,
             bf16=True,
-            tokenizer_dir=out / name / "tokenizer" / "export",
+            tokenizer_dir=run / "tokenizer" / "export",
         ),
     )
 
@@ -215,7 +216,7 @@ def study_tokenizer(name: str, dataset: str, budget: Budget, out: Path) -> dict[
     metrics = tokenizer_metrics(
         tok, dataset, num=budget.eval_num, bf16=True, out=out / name / "tokenizer_eval.json"
     )
-    recon_floor = reconstruction_floor(name, dataset, budget, out)
+    recon_floor = reconstruction_floor(out / name, dataset, budget)
     cache = build_cache(
         tokenizer_dir=tok, data=dataset, out=out / name / "latents", flip=budget.flip, bf16=True
     )

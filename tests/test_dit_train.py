@@ -12,7 +12,7 @@ import torch
 from aligntok import flow
 from aligntok import generate as generate_module
 from aligntok.config import apply_overrides
-from aligntok.data.latents import LatentCache, build_cache
+from aligntok.data.latents import LatentCache, build_cache, same_latent_space
 from aligntok.generate import generate
 from aligntok.models.tokenizer import Tokenizer
 from aligntok.recipes.dit import dit_train_recipe
@@ -174,8 +174,21 @@ def test_sample_writes_pngs_grid_npz_and_refuses_other_tokenizer(setup, tmp_path
     # Each batch draws its noise from (seed, batch index): rerunning reproduces the images exactly.
     again = generate(dit_dir=export, num=6, out=tmp_path / "again", steps=3, cfg_scale=2.0, batch_size=4)
     assert np.array_equal(np.load(again / "samples.npz")["arr_0"], arr["arr_0"])
-    with pytest.raises(ValueError, match="latents only decode with the tokenizer"):
+    with pytest.raises(ValueError, match="another latent space"):
         generate(dit_dir=export, num=2, out=tmp_path / "bad", steps=2, tokenizer_dir=setup["tok_b"])
+    # Another decoder for the same latent space (a longer stage 3) is accepted, and decodes differently.
+    refined = Tokenizer.from_pretrained(setup["tok_a"])
+    with torch.no_grad():
+        next(refined.decoder.parameters()).mul_(1.5)
+    refined_dir = refined.save_pretrained(tmp_path / "refined")
+    assert same_latent_space(setup["tok_a"], refined_dir) and not same_latent_space(
+        setup["tok_a"], setup["tok_b"]
+    )
+    other = generate(
+        dit_dir=export, num=6, out=tmp_path / "refined-samples", steps=3, cfg_scale=2.0, batch_size=4,
+        tokenizer_dir=refined_dir,
+    )  # fmt: skip
+    assert not np.array_equal(np.load(other / "samples.npz")["arr_0"], arr["arr_0"])
     with pytest.raises(ValueError, match="out of range"):
         generate(dit_dir=export, num=2, out=tmp_path / "bad", steps=2, class_id=7)
 

@@ -1,5 +1,5 @@
-"""benchmarks/reproduce.py: the study's bookkeeping on debug models, a tiny image folder and a stand-in
-Inception (the real runs are in docs/results.md)."""
+"""benchmarks/reproduce.py and decoder_share.py: the studies' bookkeeping on debug models, a tiny image
+folder and a stand-in Inception (the real runs are in docs/results.md)."""
 
 from __future__ import annotations
 
@@ -13,20 +13,22 @@ from pathlib import Path
 import pytest
 from safetensors.torch import load_file
 
+from aligntok.data.latents import same_latent_space
 from conftest import make_image_folder
 
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def _module():
-    spec = importlib.util.spec_from_file_location("reproduce", ROOT / "benchmarks" / "reproduce.py")
+def _module(name: str):
+    spec = importlib.util.spec_from_file_location(name, ROOT / "benchmarks" / f"{name}.py")
     module = importlib.util.module_from_spec(spec)
     sys.modules[spec.name] = module  # dataclasses look their module up while the file runs
     spec.loader.exec_module(module)
     return module
 
 
-rep = _module()
+rep = _module("reproduce")
+share = _module("decoder_share")  # imports reproduce, found in sys.modules
 
 
 def test_steps_to_reach_interpolates_between_checkpoints() -> None:
@@ -154,3 +156,35 @@ def test_summary_marks_pending_work_and_targets_the_vae() -> None:
     assert done["complete"] is True and done["pending"] == [] and done["target"]["gfid"] == 40.0
     assert done["steps_to_target"]["vae"] == 6.0
     assert done["steps_to_target"]["aligntok"] == pytest.approx(3 + 3 * (50 - 40) / (50 - 30))
+
+
+@pytest.mark.slow
+def test_a_longer_stage3_keeps_the_latent_space_and_remeasures_the_same_dit(tmp_path, stub_inception) -> None:
+    data = str(make_image_folder(tmp_path / "shapes", per_class=20))
+    budget = rep.BUDGETS["debug"]
+    out = tmp_path / "study"
+    with pytest.raises(FileNotFoundError, match="has not measured aligntok"):
+        share.refine_decoder(out, "aligntok", data, budget, 4)
+    study = rep.study_tokenizer("aligntok", data, budget, out)
+    baseline, entry = share.refine_decoder(out, "aligntok", data, budget, 4)
+    last = str(budget.checkpoints[-1])
+    # The baseline is what the study measured: its seed-0 DiT at the last checkpoint, its own decoder.
+    assert baseline["gfid"] == {
+        f"{budget.cfg:g}": study["gfid_seeds"][last][0],
+        "1": study["gfid_nocfg_seeds"][last][0],
+    }
+    assert baseline["recon_floor"] == study["recon_floor"] and baseline["psnr"] == study["psnr"]
+    assert entry["decoder_steps"] == sum(budget.stage_steps[:2]) + 4 and entry["stage3_steps"] == 4
+    # Same encoder and latent statistics, another decoder: the same DiT's latents decode differently.
+    run = out / "aligntok-stage3-4" / "tokenizer"
+    assert same_latent_space(out / "aligntok" / "tokenizer" / "export", run / "export")
+    assert not same_latent_space(out / "aligntok" / "tokenizer" / "export", run / "stage-2" / "export")
+    assert set(entry["gfid"]) == set(baseline["gfid"]) and entry["gfid"] != baseline["gfid"]
+    record = json.loads(
+        (out / "aligntok-stage3-4" / "samples" / f"seed0-step{last}" / "cfg1" / "sampling.json").read_text()
+    )
+    assert record["tokenizer"] == str((run / "export").resolve()) and record["dit"] == entry["dit"]
+    # A rerun trains and samples nothing again.
+    assert share.refine_decoder(out, "aligntok", data, budget, 4)[1]["gfid"] == entry["gfid"]
+    table = share.markdown({"fid_floor": 5.0, "runs": {"2": baseline, "4": entry}}).splitlines()
+    assert table[2].startswith("| 2 | 7 |") and table[3].startswith("| 4 | 9 |") and table[-1].endswith("5.0")

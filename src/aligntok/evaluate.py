@@ -217,6 +217,8 @@ def generation_fid(
     out = Path(out)
     wanted = {"num": num, "steps": steps, "cfg": cfg_scale, "interval": list(interval), "seed": seed}
     wanted |= {"dit": str(Path(dit_dir).resolve()), "dit_hash": export_hash(dit_dir)}
+    if tokenizer_dir is not None:  # another decoder than the DiT's own: samples of the default never stand in
+        wanted["tokenizer"] = str(Path(tokenizer_dir).resolve())
     result_path = out / "fid.json"
     if _same_sampling(out, wanted):
         if result_path.is_file():

@@ -110,7 +110,7 @@ def generate(
     out = Path(out)
     dit = load_dit(dit_dir, map_location=world.device)
     tokenizer_dir = Path(tokenizer_dir or dit.tokenizer_path)
-    check_tokenizer(dit.tokenizer_hash, tokenizer_dir, what=f"DiT {dit_dir}")
+    check_tokenizer(dit.tokenizer_hash, tokenizer_dir, what=f"DiT {dit_dir}", encoded_by=dit.tokenizer_path)
     tokenizer = Tokenizer.from_pretrained(tokenizer_dir).to(world.device).eval()
     guide = load_dit(guide_dir, map_location=world.device) if guide_dir else None
     if guide is not None and guide.tokenizer_hash != dit.tokenizer_hash:

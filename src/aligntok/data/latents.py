@@ -251,12 +251,32 @@ class LatentCache:
         return len(self.labels)
 
 
-def check_tokenizer(expected_hash: str, tokenizer_dir: str | Path, *, what: str) -> None:
-    """Refuse a tokenizer other than the one `what` was made with."""
+def same_latent_space(a: str | Path, b: str | Path) -> bool:
+    """Whether two tokenizer exports hold the same weights and buffers (latent statistics included)
+    outside the decoder: they encode, and normalise latents, identically, and differ at most in how they
+    decode (a decoder refined further, as AlignTok's stage 3 does with everything else frozen)."""
+    wa, wb = (load_file(Path(p) / "model.safetensors") for p in (a, b))
+    return wa.keys() == wb.keys() and all(wa[k].equal(wb[k]) for k in wa if not k.startswith("decoder."))
+
+
+def check_tokenizer(
+    expected_hash: str, tokenizer_dir: str | Path, *, what: str, encoded_by: str | Path | None = None
+) -> None:
+    """Refuse a tokenizer other than the one `what` was made with, unless it has that one's latent space
+    (`same_latent_space`, checked against `encoded_by`, the recorded tokenizer's path, when it still holds
+    the tokenizer of `expected_hash`): another decoder for the same latents is accepted."""
     got = export_hash(tokenizer_dir)
-    if got != expected_hash:
-        raise ValueError(
-            f"{what} was made with tokenizer {expected_hash[:12]}, but {tokenizer_dir} is tokenizer "
-            f"{got[:12]}; latents only decode with the tokenizer that encoded them: pass the matching "
-            "--tokenizer or rebuild the latent cache with this one"
-        )
+    if got == expected_hash:
+        return
+    if (
+        encoded_by is not None
+        and (Path(encoded_by) / "model.safetensors").is_file()
+        and export_hash(encoded_by) == expected_hash
+        and same_latent_space(encoded_by, tokenizer_dir)
+    ):
+        return
+    raise ValueError(
+        f"{what} was made with tokenizer {expected_hash[:12]}, but {tokenizer_dir} is tokenizer "
+        f"{got[:12]} with another latent space; latents only decode with a tokenizer that encodes as the "
+        "one that made them: pass the matching --tokenizer or rebuild the latent cache with this one"
+    )
