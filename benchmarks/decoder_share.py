@@ -27,7 +27,6 @@ from typing import Any
 import reproduce as rep
 from aligntok.config import apply_overrides
 from aligntok.data.latents import same_latent_space
-from aligntok.evaluate import generation_fid
 from aligntok.report import write_json
 from aligntok.tokenizer_eval import tokenizer_metrics
 from aligntok.train.tokenizer import train_tokenizer
@@ -77,7 +76,7 @@ def refine_decoder(
     last = budget.checkpoints[-1]
     dit = study / name / "dit-seed0" / "exports" / f"step-{last:07d}"
     scales = (budget.cfg, 1.0)
-    measured = {w: study / name / "samples" / f"seed0-step{last}" / f"cfg{w:g}" / "fid.json" for w in scales}
+    measured = {w: rep.checkpoint_samples(study / name, 0, last, w) / "fid.json" for w in scales}
     missing = [p for p in [source / "export", dit, *measured.values()] if not p.exists()]
     if missing:
         raise FileNotFoundError(f"the study in {study} has not measured {name} yet: no {missing[0]}")
@@ -93,15 +92,12 @@ def refine_decoder(
             f"{tok} does not encode as {source / 'export'}: its stages 1-2 are not the study's"
         )
     metrics = tokenizer_metrics(tok, dataset, num=budget.eval_num, bf16=True, out=run / "tokenizer_eval.json")
-    common = {"data": dataset, "num": budget.num_samples, "ref_num": budget.ref_num, "bf16": True}
-    gfid = {}
-    for w in scales:
-        guided = {"cfg_scale": w, "interval": rep.CFG_INTERVAL} if w != 1.0 else {}
-        samples = run / "samples" / f"seed0-step{last}" / f"cfg{w:g}"
-        fid = generation_fid(
-            dit, out=samples, steps=budget.sample_steps, tokenizer_dir=tok, **guided, **common
+    gfid = {
+        f"{w:g}": rep.study_gfid(
+            dit, rep.checkpoint_samples(run, 0, last, w), dataset, budget, cfg=w, tokenizer_dir=tok
         )
-        gfid[f"{w:g}"] = fid["fid"]
+        for w in scales
+    }
     entry = {
         "stage3_steps": steps,
         "decoder_steps": sum(s.steps for s in cfg.stages),  # the decoder trains in all three stages

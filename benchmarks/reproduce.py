@@ -210,6 +210,39 @@ def reconstruction_floor(run: Path, dataset: str, budget: Budget) -> dict[str, A
     )
 
 
+def study_gfid(
+    export: Path,
+    samples: Path,
+    dataset: str,
+    budget: Budget,
+    *,
+    cfg: float = 1.0,
+    steps: int | None = None,
+    tokenizer_dir: Path | None = None,
+) -> float:
+    """gFID of a DiT export's samples in `samples` (found there if measured before) at the study's sample
+    count and reference; guidance `cfg` on CFG_INTERVAL, `steps` Euler steps (default the budget's), through
+    `tokenizer_dir` (default the DiT's own tokenizer)."""
+    guided = {"cfg_scale": cfg, "interval": CFG_INTERVAL} if cfg != 1.0 else {}
+    return generation_fid(
+        export,
+        out=samples,
+        data=dataset,
+        num=budget.num_samples,
+        ref_num=budget.ref_num,
+        bf16=True,
+        steps=steps or budget.sample_steps,
+        tokenizer_dir=tokenizer_dir,
+        **guided,
+    )["fid"]
+
+
+def checkpoint_samples(run: Path, seed: int, step: int, cfg: float) -> Path:
+    """Where a study keeps the samples of `run`'s (`<out>/<name>`) DiT seed `seed` at `step` with guidance
+    `cfg` (the study's Euler steps)."""
+    return run / "samples" / f"seed{seed}-step{step}" / f"cfg{cfg:g}"
+
+
 def study_tokenizer(name: str, dataset: str, budget: Budget, out: Path) -> dict[str, Any]:
     t0 = time.time()
     tok = train_one_tokenizer(name, dataset, budget, out)
@@ -223,15 +256,13 @@ def study_tokenizer(name: str, dataset: str, budget: Budget, out: Path) -> dict[
     seeds = range(budget.seeds if name in SEEDED else 1)
     gfid: dict[int, list[float]] = {c: [] for c in budget.checkpoints}
     gfid_nocfg: dict[int, list[float]] = {c: [] for c in budget.checkpoints}
-    common = {"data": dataset, "num": budget.num_samples, "ref_num": budget.ref_num, "bf16": True}
 
     def measure(
         export: Path, samples: Path, what: str, *, cfg: float = 1.0, steps: int | None = None
     ) -> float:
         """gFID of `export`'s samples in `samples` (found there if measured before), logged as it comes."""
         steps = steps or budget.sample_steps
-        guided = {"cfg_scale": cfg, "interval": CFG_INTERVAL} if cfg != 1.0 else {}
-        fid = generation_fid(export, out=samples, steps=steps, **guided, **common)["fid"]
+        fid = study_gfid(export, samples, dataset, budget, cfg=cfg, steps=steps)
         print(f"{name}, {what}, guidance {cfg:g}, {steps} Euler steps: gFID {fid:.2f}", flush=True)
         return fid
 
@@ -250,20 +281,21 @@ def study_tokenizer(name: str, dataset: str, budget: Budget, out: Path) -> dict[
         train_dit(cfg, latents=cache, out=run, resume=True)  # a finished run is found, not retrained
         for c in budget.checkpoints:
             export = run / "exports" / f"step-{c:07d}"
-            samples = out / name / "samples" / f"seed{seed}-step{c}"
             what = f"seed {seed}, {c} DiT steps"
-            gfid[c].append(measure(export, samples / f"cfg{budget.cfg:g}", what, cfg=budget.cfg))
-            gfid_nocfg[c].append(measure(export, samples / "cfg1", what))
+            guided = checkpoint_samples(out / name, seed, c, budget.cfg)
+            gfid[c].append(measure(export, guided, what, cfg=budget.cfg))
+            gfid_nocfg[c].append(measure(export, checkpoint_samples(out / name, seed, c, 1.0), what))
     # The sweeps at the last checkpoint (seed 0); a setting already measured there is read, not redone.
     last = out / name / "dit-seed0" / "exports" / f"step-{budget.checkpoints[-1]:07d}"
-    done = out / name / "samples" / f"seed0-step{budget.checkpoints[-1]}"
     sweep = out / name / "samples" / "sweep"
     what = f"seed 0, {budget.checkpoints[-1]} DiT steps"
     swept = name in SWEPT
     cfg_sweep = {
         f"{w:g}": measure(
             last,
-            done / f"cfg{w:g}" if w == budget.cfg else sweep / f"cfg{w:g}",
+            checkpoint_samples(out / name, 0, budget.checkpoints[-1], w)
+            if w == budget.cfg
+            else sweep / f"cfg{w:g}",
             what,
             cfg=w,
         )
@@ -271,7 +303,12 @@ def study_tokenizer(name: str, dataset: str, budget: Budget, out: Path) -> dict[
     }
     steps_sweep = {
         str(s): measure(
-            last, done / "cfg1" if s == budget.sample_steps else sweep / f"steps{s}", what, steps=s
+            last,
+            checkpoint_samples(out / name, 0, budget.checkpoints[-1], 1.0)
+            if s == budget.sample_steps
+            else sweep / f"steps{s}",
+            what,
+            steps=s,
         )
         for s in (budget.steps_sweep if swept else ())
     }
