@@ -1,17 +1,21 @@
-"""How much of a study's gFID does the decoder set? Refine an AlignTok decoder longer, keep its latent space.
+"""How much of a study's gFID does the decoder set? Train a tokenizer's decoder longer, keep its latent space.
 
-    python benchmarks/decoder_share.py --dataset fashion-mnist --budget full --stage3-steps 1000
+    python benchmarks/decoder_share.py --dataset fashion-mnist --budget full --decoder-steps 2000
                                        [--out runs/reproduce-fashion-mnist-full] [--tokenizer aligntok]
 
-AlignTok's stage 3 trains only the decoder (encoder and adapter frozen), so a longer stage 3 leaves the
-latent space, and every DiT a `reproduce.py` study trained on it, exactly as they were. This copies the
-tokenizer's stages 1 and 2 from the study in `--out`, runs stage 3 for `--stage3-steps` instead of the
-budget's, checks that the new export encodes exactly as the study's (every weight and buffer outside the
-decoder equal), then measures with the refined decoder: PSNR, LPIPS and rFID, the reconstruction floor,
-and the gFID of the study's DiT (seed 0, last checkpoint, with and without guidance) from the same DiT
-export and the same sampling seeds, so that only the decoder differs. The study must have measured that
-DiT. Work goes to `<out>/<tokenizer>-stage3-<steps>/` (resumable); the result to
-benchmarks/results/decoder-share-<dataset>.json (one entry per stage-3 length), and a table is printed.
+Training only the decoder (encoder and adapter frozen) leaves the latent space, and every DiT a
+`reproduce.py` study trained on it, exactly as they were. This copies the tokenizer's stages from the
+study in `--out` and lets its decoder train for `--decoder-steps` steps in all (the study's budget gives
+every decoder the same 1,200 at `full`): a recipe whose last stage trains only the decoder (AlignTok's
+stage 3) gets that stage lengthened; any other (the one-stage baselines) gets a decoder-only stage
+appended, set as AlignTok's stage 3 is (same lr, the GAN from its first step). It checks that the new
+export encodes exactly as the study's (every weight and buffer outside the decoder equal), then measures
+with the refined decoder: PSNR, LPIPS and rFID, the reconstruction floor, and the gFID of the study's DiT
+(seed 0, last checkpoint, with and without guidance) from the same DiT export and the same sampling
+seeds, so that only the decoder differs. The study must have measured that DiT. Work goes to
+`<out>/<tokenizer>-decoder-<steps>/` (resumable); the result to
+benchmarks/results/decoder-share-<dataset>.json (per tokenizer, one entry per decoder length), and a
+table is printed.
 """
 
 from __future__ import annotations
@@ -25,13 +29,10 @@ from pathlib import Path
 from typing import Any
 
 import reproduce as rep
-from aligntok.config import apply_overrides
 from aligntok.data.latents import same_latent_space
 from aligntok.report import write_json
 from aligntok.tokenizer_eval import tokenizer_metrics
-from aligntok.train.tokenizer import train_tokenizer
-
-THREE_STAGE = ("aligntok", "aligntok_wsp0")
+from aligntok.train.tokenizer import StageConfig, TokenizerTrainConfig, train_tokenizer
 
 
 def main() -> None:
@@ -41,8 +42,10 @@ def main() -> None:
     parser.add_argument("--dataset", choices=sorted(rep.BASES), required=True)
     parser.add_argument("--budget", choices=sorted(rep.BUDGETS), default="full")
     parser.add_argument("--out", default=None, help="the study's work directory (reproduce.py's --out)")
-    parser.add_argument("--tokenizer", choices=THREE_STAGE, default="aligntok")
-    parser.add_argument("--stage3-steps", type=int, required=True, help="stage 3's length in this run")
+    parser.add_argument("--tokenizer", choices=list(rep.TOKENIZERS), default="aligntok")
+    parser.add_argument(
+        "--decoder-steps", type=int, required=True, help="the decoder's training steps in all, stages summed"
+    )
     parser.add_argument(
         "--json", default=None, help="default benchmarks/results/decoder-share-<dataset>.json"
     )
@@ -51,27 +54,46 @@ def main() -> None:
     budget = dataclasses.replace(budget, ref_num=rep.reference_size(args.dataset, budget))
     study = Path(args.out or f"runs/reproduce-{args.dataset}-{args.budget}")
     try:
-        baseline, entry = refine_decoder(study, args.tokenizer, args.dataset, budget, args.stage3_steps)
-    except FileNotFoundError as e:
+        baseline, entry = refine_decoder(study, args.tokenizer, args.dataset, budget, args.decoder_steps)
+    except (FileNotFoundError, ValueError) as e:
         parser.error(str(e))
     json_path = Path(args.json or rep.ROOT / "benchmarks" / "results" / f"decoder-share-{args.dataset}.json")
     result: dict[str, Any] = json.loads(json_path.read_text()) if json_path.is_file() else {}
-    if result.get("tokenizer") != args.tokenizer or result.get("budget") != args.budget:
-        result = {"dataset": args.dataset, "budget": args.budget, "tokenizer": args.tokenizer, "runs": {}}
+    if result.get("budget") != args.budget or "tokenizers" not in result:
+        result = {"dataset": args.dataset, "budget": args.budget, "tokenizers": {}}
     result["fid_floor"] = json.loads((study / "fid_floor.json").read_text())["fid"]
-    result["runs"][str(baseline["stage3_steps"])] = baseline
-    result["runs"][str(entry["stage3_steps"])] = entry
+    runs = result["tokenizers"].setdefault(args.tokenizer, {})
+    for r in (baseline, entry):
+        runs[str(r["decoder_steps"])] = r
     write_json(result, json_path)
     print(markdown(result))
     print(f"written: {json_path}")
 
 
+def longer_decoder(cfg: TokenizerTrainConfig, decoder_steps: int) -> TokenizerTrainConfig:
+    """`cfg` with its decoder trained `decoder_steps` steps in all, the extra ones with nothing else
+    training: the last stage lengthened if it trains only the decoder, else a decoder-only stage appended
+    (AlignTok's stage 3 settings). ValueError unless that adds steps."""
+    now = _decoder_steps(cfg)
+    if decoder_steps <= now:
+        raise ValueError(f"--decoder-steps {decoder_steps} adds nothing: the recipe's decoder trains {now}")
+    extra = decoder_steps - now
+    last = cfg.stages[-1]
+    if last.train == ("decoder",):
+        stages = (*cfg.stages[:-1], dataclasses.replace(last, steps=last.steps + extra))
+    else:
+        stages = (*cfg.stages, StageConfig(name="decoder", steps=extra, train=("decoder",), lr=last.lr))
+    return dataclasses.replace(cfg, stages=stages)
+
+
 def refine_decoder(
-    study: Path, name: str, dataset: str, budget: rep.Budget, steps: int
+    study: Path, name: str, dataset: str, budget: rep.Budget, decoder_steps: int
 ) -> tuple[dict[str, Any], dict[str, Any]]:
-    """The study's `name` (its measurements read back) and the same tokenizer with stage 3 `steps` long
-    (trained and measured in `<study>/<name>-stage3-<steps>/`, resumable). FileNotFoundError when the study
-    has not measured `name`'s seed-0 DiT at the last checkpoint yet."""
+    """The study's `name` (its measurements read back) and the same tokenizer with its decoder trained
+    `decoder_steps` steps (in `<study>/<name>-decoder-<steps>/`, resumable; see `longer_decoder`).
+    FileNotFoundError when the study has not measured `name`'s seed-0 DiT at the last checkpoint yet."""
+    study_cfg = rep.tokenizer_recipe(name, dataset, budget)
+    cfg = longer_decoder(study_cfg, decoder_steps)
     source = study / name / "tokenizer"
     last = budget.checkpoints[-1]
     dit = study / name / "dit-seed0" / "exports" / f"step-{last:07d}"
@@ -81,15 +103,14 @@ def refine_decoder(
     if missing:
         raise FileNotFoundError(f"the study in {study} has not measured {name} yet: no {missing[0]}")
     t0 = time.time()
-    run = study / f"{name}-stage3-{steps}"
-    for stage in ("stage-1", "stage-2"):  # the latent space: the study's, untouched
-        if not (run / "tokenizer" / stage).exists():
-            shutil.copytree(source / stage, run / "tokenizer" / stage)
-    cfg = apply_overrides(rep.tokenizer_recipe(name, dataset, budget), [f"stages.2.steps={steps}"])
+    run = study / f"{name}-decoder-{decoder_steps}"
+    for s in cfg.stages:  # the stages that set the latent space: the study's, untouched
+        if s in study_cfg.stages and not (run / "tokenizer" / f"stage-{s.name}").exists():
+            shutil.copytree(source / f"stage-{s.name}", run / "tokenizer" / f"stage-{s.name}")
     tok = train_tokenizer(cfg, out=run / "tokenizer", resume=True)
     if not same_latent_space(source / "export", tok):
         raise RuntimeError(
-            f"{tok} does not encode as {source / 'export'}: its stages 1-2 are not the study's"
+            f"{tok} does not encode as {source / 'export'}: the stages it copied are not the study's"
         )
     metrics = tokenizer_metrics(tok, dataset, num=budget.eval_num, bf16=True, out=run / "tokenizer_eval.json")
     gfid = {
@@ -99,8 +120,8 @@ def refine_decoder(
         for w in scales
     }
     entry = {
-        "stage3_steps": steps,
-        "decoder_steps": sum(s.steps for s in cfg.stages),  # the decoder trains in all three stages
+        "decoder_steps": decoder_steps,
+        "decoder_only_steps": _decoder_only(cfg),
         "psnr": metrics["psnr"],
         "lpips": metrics["lpips"],
         "rfid": metrics["rfid"],
@@ -111,8 +132,8 @@ def refine_decoder(
     }
     before = json.loads((study / name / "tokenizer_eval.json").read_text())
     baseline = {
-        "stage3_steps": budget.stage_steps[2],
-        "decoder_steps": sum(budget.stage_steps),
+        "decoder_steps": _decoder_steps(study_cfg),
+        "decoder_only_steps": _decoder_only(study_cfg),
         "psnr": before["psnr"],
         "lpips": before["lpips"],
         "rfid": before["rfid"],
@@ -122,17 +143,27 @@ def refine_decoder(
     return baseline, entry
 
 
+def _decoder_steps(cfg: TokenizerTrainConfig) -> int:
+    return sum(s.steps for s in cfg.stages if "decoder" in s.train)
+
+
+def _decoder_only(cfg: TokenizerTrainConfig) -> int:
+    return sum(s.steps for s in cfg.stages if s.train == ("decoder",))
+
+
 def markdown(result: dict[str, Any]) -> str:
-    """One row per stage-3 length: reconstruction, the reconstruction floor, and the DiT's gFID."""
-    runs = sorted(result["runs"].values(), key=lambda r: r["stage3_steps"])
-    scales = list(runs[0]["gfid"])
-    head = ["stage 3 steps", "decoder steps", "PSNR", "LPIPS", "rFID", "recon floor"]
+    """One row per tokenizer and decoder length: reconstruction, the reconstruction floor, the DiT's gFID."""
+    tokenizers = result["tokenizers"]
+    scales = list(dict.fromkeys(w for runs in tokenizers.values() for r in runs.values() for w in r["gfid"]))
+    head = ["tokenizer", "decoder steps (decoder only)", "PSNR", "LPIPS", "rFID", "recon floor"]
     head += [f"gFID, guidance {w}" for w in scales]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
-    for r in runs:
-        cells = [str(r["stage3_steps"]), str(r["decoder_steps"]), f"{r['psnr']:.2f}", f"{r['lpips']:.3f}"]
-        cells += [f"{r['rfid']:.1f}", f"{r['recon_floor']:.1f}"] + [f"{r['gfid'][w]:.1f}" for w in scales]
-        lines.append("| " + " | ".join(cells) + " |")
+    for name, runs in tokenizers.items():
+        for r in sorted(runs.values(), key=lambda r: r["decoder_steps"]):
+            cells = [name, f"{r['decoder_steps']} ({r['decoder_only_steps']})"]
+            cells += [f"{r['psnr']:.2f}", f"{r['lpips']:.3f}", f"{r['rfid']:.1f}", f"{r['recon_floor']:.1f}"]
+            cells += [f"{r['gfid'][w]:.1f}" if w in r["gfid"] else "-" for w in scales]
+            lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines) + f"\n\nreal-vs-real floor {result['fid_floor']:.1f}"
 
 

@@ -158,15 +158,30 @@ def test_summary_marks_pending_work_and_targets_the_vae() -> None:
     assert done["steps_to_target"]["aligntok"] == pytest.approx(3 + 3 * (50 - 40) / (50 - 30))
 
 
+def test_a_longer_decoder_lengthens_a_decoder_only_stage_or_appends_one() -> None:
+    budget = rep.BUDGETS["full"]
+    aligntok = share.longer_decoder(rep.tokenizer_recipe("aligntok", "emoji", budget), 2000)
+    study = rep.tokenizer_recipe("aligntok", "emoji", budget)
+    assert aligntok.stages[:2] == study.stages[:2]  # the latent space's stages, untouched
+    assert aligntok.stages[2] == dataclasses.replace(study.stages[2], steps=1000)
+    vae = share.longer_decoder(rep.tokenizer_recipe("vae", "emoji", budget), 2000)
+    assert vae.stages[0] == rep.tokenizer_recipe("vae", "emoji", budget).stages[0]
+    added = vae.stages[1]
+    assert (added.train, added.steps, added.lr) == (("decoder",), 800, study.stages[2].lr)
+    assert (added.gan_weight, added.gan_start) == (study.stages[2].gan_weight, study.stages[2].gan_start)
+    with pytest.raises(ValueError, match="adds nothing"):
+        share.longer_decoder(study, 1200)
+
+
 @pytest.mark.slow
-def test_a_longer_stage3_keeps_the_latent_space_and_remeasures_the_same_dit(tmp_path, stub_inception) -> None:
+def test_a_longer_decoder_keeps_the_latent_space_and_remeasures_its_dit(tmp_path, stub_inception) -> None:
     data = str(make_image_folder(tmp_path / "shapes", per_class=20))
     budget = rep.BUDGETS["debug"]
     out = tmp_path / "study"
     with pytest.raises(FileNotFoundError, match="has not measured aligntok"):
-        share.refine_decoder(out, "aligntok", data, budget, 4)
+        share.refine_decoder(out, "aligntok", data, budget, 9)
     study = rep.study_tokenizer("aligntok", data, budget, out)
-    baseline, entry = share.refine_decoder(out, "aligntok", data, budget, 4)
+    baseline, entry = share.refine_decoder(out, "aligntok", data, budget, 9)
     last = str(budget.checkpoints[-1])
     # The baseline is what the study measured: its seed-0 DiT at the last checkpoint, its own decoder.
     assert baseline["gfid"] == {
@@ -174,17 +189,20 @@ def test_a_longer_stage3_keeps_the_latent_space_and_remeasures_the_same_dit(tmp_
         "1": study["gfid_nocfg_seeds"][last][0],
     }
     assert baseline["recon_floor"] == study["recon_floor"] and baseline["psnr"] == study["psnr"]
-    assert entry["decoder_steps"] == sum(budget.stage_steps[:2]) + 4 and entry["stage3_steps"] == 4
+    assert (baseline["decoder_steps"], baseline["decoder_only_steps"]) == (sum(budget.stage_steps), 2)
+    assert (entry["decoder_steps"], entry["decoder_only_steps"]) == (9, 4)
     # Same encoder and latent statistics, another decoder: the same DiT's latents decode differently.
-    run = out / "aligntok-stage3-4" / "tokenizer"
+    run = out / "aligntok-decoder-9" / "tokenizer"
     assert same_latent_space(out / "aligntok" / "tokenizer" / "export", run / "export")
     assert not same_latent_space(out / "aligntok" / "tokenizer" / "export", run / "stage-2" / "export")
     assert set(entry["gfid"]) == set(baseline["gfid"]) and entry["gfid"] != baseline["gfid"]
     record = json.loads(
-        (out / "aligntok-stage3-4" / "samples" / f"seed0-step{last}" / "cfg1" / "sampling.json").read_text()
+        (out / "aligntok-decoder-9" / "samples" / f"seed0-step{last}" / "cfg1" / "sampling.json").read_text()
     )
     assert record["tokenizer"] == str((run / "export").resolve()) and record["dit"] == entry["dit"]
     # A rerun trains and samples nothing again.
-    assert share.refine_decoder(out, "aligntok", data, budget, 4)[1]["gfid"] == entry["gfid"]
-    table = share.markdown({"fid_floor": 5.0, "runs": {"2": baseline, "4": entry}}).splitlines()
-    assert table[2].startswith("| 2 | 7 |") and table[3].startswith("| 4 | 9 |") and table[-1].endswith("5.0")
+    assert share.refine_decoder(out, "aligntok", data, budget, 9)[1]["gfid"] == entry["gfid"]
+    table = share.markdown({"fid_floor": 5.0, "tokenizers": {"aligntok": {"7": baseline, "9": entry}}})
+    rows = table.splitlines()
+    assert rows[2].startswith("| aligntok | 7 (2) |") and rows[3].startswith("| aligntok | 9 (4) |")
+    assert rows[-1].endswith("5.0")
