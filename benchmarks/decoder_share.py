@@ -32,7 +32,7 @@ import reproduce as rep
 from aligntok.data.latents import same_latent_space
 from aligntok.report import write_json
 from aligntok.tokenizer_eval import tokenizer_metrics
-from aligntok.train.tokenizer import StageConfig, TokenizerTrainConfig, train_tokenizer
+from aligntok.train.tokenizer import StageConfig, TokenizerTrainConfig, stage_dir, train_tokenizer
 
 
 def main() -> None:
@@ -53,9 +53,13 @@ def main() -> None:
     budget = rep.BUDGETS[args.budget]
     budget = dataclasses.replace(budget, ref_num=rep.reference_size(args.dataset, budget))
     study = Path(args.out or f"runs/reproduce-{args.dataset}-{args.budget}")
+    try:  # too few steps: refused before any work
+        longer_decoder(rep.tokenizer_recipe(args.tokenizer, args.dataset, budget), args.decoder_steps)
+    except ValueError as e:
+        parser.error(str(e))
     try:
         baseline, entry = refine_decoder(study, args.tokenizer, args.dataset, budget, args.decoder_steps)
-    except (FileNotFoundError, ValueError) as e:
+    except FileNotFoundError as e:  # the study has not measured this tokenizer's DiT yet
         parser.error(str(e))
     json_path = Path(args.json or rep.ROOT / "benchmarks" / "results" / f"decoder-share-{args.dataset}.json")
     result: dict[str, Any] = json.loads(json_path.read_text()) if json_path.is_file() else {}
@@ -105,8 +109,8 @@ def refine_decoder(
     t0 = time.time()
     run = study / f"{name}-decoder-{decoder_steps}"
     for s in cfg.stages:  # the stages that set the latent space: the study's, untouched
-        if s in study_cfg.stages and not (run / "tokenizer" / f"stage-{s.name}").exists():
-            shutil.copytree(source / f"stage-{s.name}", run / "tokenizer" / f"stage-{s.name}")
+        if s in study_cfg.stages and not stage_dir(run / "tokenizer", s).exists():
+            shutil.copytree(stage_dir(source, s), stage_dir(run / "tokenizer", s))
     tok = train_tokenizer(cfg, out=run / "tokenizer", resume=True)
     if not same_latent_space(source / "export", tok):
         raise RuntimeError(

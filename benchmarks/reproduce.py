@@ -44,7 +44,7 @@ from aligntok.recipes.tokenizer import tokenizer_train_recipe
 from aligntok.report import cached_json, plot_curves, write_json
 from aligntok.tokenizer_eval import tokenizer_metrics
 from aligntok.train.dit import train_dit
-from aligntok.train.tokenizer import train_tokenizer
+from aligntok.train.tokenizer import stage_dir, train_tokenizer
 
 ROOT = Path(__file__).resolve().parents[1]
 BASES = {"emoji": "emoji32", "fashion-mnist": "fashion"}
@@ -164,11 +164,13 @@ def tokenizer_recipe(name: str, dataset: str, budget: Budget) -> Any:
 
 def train_one_tokenizer(name: str, dataset: str, budget: Budget, out: Path) -> Path:
     run = out / name / "tokenizer"
-    if name == "aligntok_wsp0" and not (run / "stage-1").exists():
+    cfg = tokenizer_recipe(name, dataset, budget)
+    stage1 = cfg.stages[0]
+    if name == "aligntok_wsp0" and not stage_dir(run, stage1).exists():
         # Same stage 1 as aligntok (the recipes differ from stage 2 on): reuse it, so that the two differ
         # only by w_sp, and the study spends one stage 1 less.
-        shutil.copytree(out / "aligntok" / "tokenizer" / "stage-1", run / "stage-1")
-    return train_tokenizer(tokenizer_recipe(name, dataset, budget), out=run, resume=True)
+        shutil.copytree(stage_dir(out / "aligntok" / "tokenizer", stage1), stage_dir(run, stage1))
+    return train_tokenizer(cfg, out=run, resume=True)
 
 
 def reference_size(dataset: str, budget: Budget) -> int | None:

@@ -129,7 +129,8 @@ class TokenizerTrainConfig:
             raise ValueError("a stage has vf_weight > 0 but vf_encoder is not set")
 
 
-def _stage_dir(out: Path, stage: StageConfig) -> Path:
+def stage_dir(out: Path, stage: StageConfig) -> Path:
+    """Where a stage of a tokenizer trained into `out` keeps its checkpoints, log and export."""
     return out / f"stage-{stage.name}"
 
 
@@ -155,7 +156,7 @@ def train_tokenizer(
         save_json(cfg, out / "config.json")
     todo = cfg.stages if stage == "all" else tuple(s for s in cfg.stages if s.name == stage)
     for s in todo:
-        sdir = _stage_dir(out, s)
+        sdir = stage_dir(out, s)
         if _export_done(sdir / "export"):
             distributed.print0(f"stage {s.name}: done already ({sdir / 'export'})")
             continue
@@ -164,9 +165,9 @@ def train_tokenizer(
                 f"{sdir} holds an interrupted stage; pass --resume to continue it or a new --out"
             )
         _train_stage(cfg, s, out=out)
-    last = _stage_dir(out, cfg.stages[-1]) / "export"
+    last = stage_dir(out, cfg.stages[-1]) / "export"
     if stage != "all" and stage != names[-1]:
-        return _stage_dir(out, todo[0]) / "export"
+        return stage_dir(out, todo[0]) / "export"
     final = out / "export"
     if not _export_done(final):  # every rank sees the same: rank 0 writes only after the collective below
         tokenizer = Tokenizer.from_pretrained(last).to(world.device)
@@ -185,7 +186,7 @@ def _initial_tokenizer(cfg: TokenizerTrainConfig, stage: StageConfig, out: Path)
     index = [s.name for s in cfg.stages].index(stage.name)
     if index == 0:
         return Tokenizer(cfg.model)
-    prev = _stage_dir(out, cfg.stages[index - 1]) / "export"
+    prev = stage_dir(out, cfg.stages[index - 1]) / "export"
     if not _export_done(prev):
         raise ValueError(
             f"stage {stage.name} starts from stage {cfg.stages[index - 1].name}, not trained yet "
@@ -196,7 +197,7 @@ def _initial_tokenizer(cfg: TokenizerTrainConfig, stage: StageConfig, out: Path)
 
 def _semantic_reference(cfg: TokenizerTrainConfig, out: Path) -> Tokenizer:
     """The FROZEN stage-1 tokenizer (original encoder + stage-1 adapter) that L_sp compares against."""
-    ref = Tokenizer.from_pretrained(_stage_dir(out, cfg.stages[0]) / "export")
+    ref = Tokenizer.from_pretrained(stage_dir(out, cfg.stages[0]) / "export")
     ref.requires_grad_(False)
     return ref.eval()
 
@@ -248,7 +249,7 @@ def _train_stage(cfg: TokenizerTrainConfig, stage: StageConfig, *, out: Path) ->
 
     world = distributed.init()
     device = world.device
-    sdir = _stage_dir(out, stage)
+    sdir = stage_dir(out, stage)
     ckpt_dir = sdir / "checkpoints"
     last = latest_checkpoint(ckpt_dir)
     seed_everything(cfg.seed)
@@ -436,7 +437,7 @@ def _carry_discriminator(cfg: TokenizerTrainConfig, stage: StageConfig, out: Pat
     index = _index(cfg, stage)
     if index == 0:
         return
-    prev = latest_checkpoint(_stage_dir(out, cfg.stages[index - 1]) / "checkpoints")
+    prev = latest_checkpoint(stage_dir(out, cfg.stages[index - 1]) / "checkpoints")
     if prev is not None and "disc" in _saved_parts(prev):
         loaded = {"disc": module_state(disc)}
         load_training_tensors(prev, loaded)
