@@ -2,20 +2,22 @@
 
     python benchmarks/decoder_share.py --dataset fashion-mnist --budget full --decoder-steps 2000
                                        [--out runs/reproduce-fashion-mnist-full] [--tokenizer aligntok]
+                                       [--gan-weight 0]
 
 Training only the decoder (encoder and adapter frozen) leaves the latent space, and every DiT a
 `reproduce.py` study trained on it, exactly as they were. This copies the tokenizer's stages from the
 study in `--out` and lets its decoder train for `--decoder-steps` steps in all (the study's budget gives
 every decoder the same 1,200 at `full`): a recipe whose last stage trains only the decoder (AlignTok's
 stage 3) gets that stage lengthened; any other (the one-stage baselines) gets a decoder-only stage
-appended, set as AlignTok's stage 3 is (same lr, the GAN from its first step). It checks that the new
-export encodes exactly as the study's (every weight and buffer outside the decoder equal), then measures
-with the refined decoder: PSNR, LPIPS and rFID, the reconstruction floor, and the gFID of the study's DiT
-(seed 0, last checkpoint, with and without guidance) from the same DiT export and the same sampling
-seeds, so that only the decoder differs. The study must have measured that DiT. Work goes to
-`<out>/<tokenizer>-decoder-<steps>/` (resumable); the result to
-benchmarks/results/decoder-share-<dataset>.json (per tokenizer, one entry per decoder length), and a
-table is printed.
+appended, set as AlignTok's stage 3 is (same lr, the GAN from its first step). `--gan-weight` sets the
+base weight of the GAN term in that decoder-only stage (0: no GAN; default: the recipe's). It checks that
+the new export encodes exactly as the study's (every weight and buffer outside the decoder equal), then
+measures with the refined decoder: PSNR, LPIPS and rFID, the reconstruction floor, and the gFID of the
+study's DiT (seed 0, last checkpoint, with and without guidance) from the same DiT export and the same
+sampling seeds, so that only the decoder differs. The study must have measured that DiT. Work goes to
+`<out>/<tokenizer>-decoder-<steps>[-gan<w>]/` (resumable); the result to
+benchmarks/results/decoder-share-<dataset>.json (per tokenizer, one entry per decoder length and GAN
+weight), and a table is printed.
 """
 
 from __future__ import annotations
@@ -47,6 +49,9 @@ def main() -> None:
         "--decoder-steps", type=int, required=True, help="the decoder's training steps in all, stages summed"
     )
     parser.add_argument(
+        "--gan-weight", type=float, default=None, help="the decoder-only stage's GAN weight (default: recipe)"
+    )
+    parser.add_argument(
         "--json", default=None, help="default benchmarks/results/decoder-share-<dataset>.json"
     )
     args = parser.parse_args()
@@ -54,11 +59,14 @@ def main() -> None:
     budget = dataclasses.replace(budget, ref_num=rep.reference_size(args.dataset, budget))
     study = Path(args.out or f"runs/reproduce-{args.dataset}-{args.budget}")
     try:  # too few steps: refused before any work
-        longer_decoder(rep.tokenizer_recipe(args.tokenizer, args.dataset, budget), args.decoder_steps)
+        recipe = rep.tokenizer_recipe(args.tokenizer, args.dataset, budget)
+        longer_decoder(recipe, args.decoder_steps, gan_weight=args.gan_weight)
     except ValueError as e:
         parser.error(str(e))
     try:
-        baseline, entry = refine_decoder(study, args.tokenizer, args.dataset, budget, args.decoder_steps)
+        baseline, entry = refine_decoder(
+            study, args.tokenizer, args.dataset, budget, args.decoder_steps, gan_weight=args.gan_weight
+        )
     except FileNotFoundError as e:  # the study has not measured this tokenizer's DiT yet
         parser.error(str(e))
     json_path = Path(args.json or rep.ROOT / "benchmarks" / "results" / f"decoder-share-{args.dataset}.json")
@@ -67,37 +75,55 @@ def main() -> None:
         result = {"dataset": args.dataset, "budget": args.budget, "tokenizers": {}}
     result["fid_floor"] = json.loads((study / "fid_floor.json").read_text())["fid"]
     runs = result["tokenizers"].setdefault(args.tokenizer, {})
-    for r in (baseline, entry):
-        runs[str(r["decoder_steps"])] = r
+    runs[run_key(baseline["decoder_steps"], None)] = baseline
+    runs[run_key(args.decoder_steps, args.gan_weight)] = entry
     write_json(result, json_path)
     print(markdown(result))
     print(f"written: {json_path}")
 
 
-def longer_decoder(cfg: TokenizerTrainConfig, decoder_steps: int) -> TokenizerTrainConfig:
+def run_key(decoder_steps: int, gan_weight: float | None) -> str:
+    """A refinement's name: its run directory's suffix and its key in the JSON."""
+    return f"{decoder_steps}" if gan_weight is None else f"{decoder_steps}-gan{gan_weight:g}"
+
+
+def longer_decoder(
+    cfg: TokenizerTrainConfig, decoder_steps: int, *, gan_weight: float | None = None
+) -> TokenizerTrainConfig:
     """`cfg` with its decoder trained `decoder_steps` steps in all, the extra ones with nothing else
     training: the last stage lengthened if it trains only the decoder, else a decoder-only stage appended
-    (AlignTok's stage 3 settings). ValueError unless that adds steps."""
+    (AlignTok's stage 3 settings); that stage's GAN weight `gan_weight` if given. ValueError unless that
+    adds steps."""
     now = _decoder_steps(cfg)
     if decoder_steps <= now:
         raise ValueError(f"--decoder-steps {decoder_steps} adds nothing: the recipe's decoder trains {now}")
     extra = decoder_steps - now
     last = cfg.stages[-1]
     if last.train == ("decoder",):
-        stages = (*cfg.stages[:-1], dataclasses.replace(last, steps=last.steps + extra))
+        refined = dataclasses.replace(last, steps=last.steps + extra)
+        stages = cfg.stages[:-1]
     else:
-        stages = (*cfg.stages, StageConfig(name="decoder", steps=extra, train=("decoder",), lr=last.lr))
-    return dataclasses.replace(cfg, stages=stages)
+        refined = StageConfig(name="decoder", steps=extra, train=("decoder",), lr=last.lr)
+        stages = cfg.stages
+    if gan_weight is not None:
+        refined = dataclasses.replace(refined, gan_weight=gan_weight)
+    return dataclasses.replace(cfg, stages=(*stages, refined))
 
 
 def refine_decoder(
-    study: Path, name: str, dataset: str, budget: rep.Budget, decoder_steps: int
+    study: Path,
+    name: str,
+    dataset: str,
+    budget: rep.Budget,
+    decoder_steps: int,
+    *,
+    gan_weight: float | None = None,
 ) -> tuple[dict[str, Any], dict[str, Any]]:
     """The study's `name` (its measurements read back) and the same tokenizer with its decoder trained
-    `decoder_steps` steps (in `<study>/<name>-decoder-<steps>/`, resumable; see `longer_decoder`).
+    `decoder_steps` steps (in `<study>/<name>-decoder-<run_key>/`, resumable; see `longer_decoder`).
     FileNotFoundError when the study has not measured `name`'s seed-0 DiT at the last checkpoint yet."""
     study_cfg = rep.tokenizer_recipe(name, dataset, budget)
-    cfg = longer_decoder(study_cfg, decoder_steps)
+    cfg = longer_decoder(study_cfg, decoder_steps, gan_weight=gan_weight)
     source = study / name / "tokenizer"
     last = budget.checkpoints[-1]
     dit = study / name / "dit-seed0" / "exports" / f"step-{last:07d}"
@@ -107,7 +133,7 @@ def refine_decoder(
     if missing:
         raise FileNotFoundError(f"the study in {study} has not measured {name} yet: no {missing[0]}")
     t0 = time.time()
-    run = study / f"{name}-decoder-{decoder_steps}"
+    run = study / f"{name}-decoder-{run_key(decoder_steps, gan_weight)}"
     for s in cfg.stages:  # the stages that set the latent space: the study's, untouched
         if s in study_cfg.stages and not stage_dir(run / "tokenizer", s).exists():
             shutil.copytree(stage_dir(source, s), stage_dir(run / "tokenizer", s))
@@ -126,6 +152,7 @@ def refine_decoder(
     entry = {
         "decoder_steps": decoder_steps,
         "decoder_only_steps": _decoder_only(cfg),
+        "decoder_only_gan_weight": cfg.stages[-1].gan_weight,
         "psnr": metrics["psnr"],
         "lpips": metrics["lpips"],
         "rfid": metrics["rfid"],
@@ -138,6 +165,7 @@ def refine_decoder(
     baseline = {
         "decoder_steps": _decoder_steps(study_cfg),
         "decoder_only_steps": _decoder_only(study_cfg),
+        "decoder_only_gan_weight": study_cfg.stages[-1].gan_weight if _decoder_only(study_cfg) else None,
         "psnr": before["psnr"],
         "lpips": before["lpips"],
         "rfid": before["rfid"],
@@ -156,15 +184,16 @@ def _decoder_only(cfg: TokenizerTrainConfig) -> int:
 
 
 def markdown(result: dict[str, Any]) -> str:
-    """One row per tokenizer and decoder length: reconstruction, the reconstruction floor, the DiT's gFID."""
+    """One row per tokenizer and refinement: reconstruction, the reconstruction floor, the DiT's gFID."""
     tokenizers = result["tokenizers"]
     scales = list(dict.fromkeys(w for runs in tokenizers.values() for r in runs.values() for w in r["gfid"]))
-    head = ["tokenizer", "decoder steps (decoder only)", "PSNR", "LPIPS", "rFID", "recon floor"]
-    head += [f"gFID, guidance {w}" for w in scales]
+    head = ["tokenizer", "decoder steps (decoder only)", "GAN weight (decoder only)", "PSNR", "LPIPS", "rFID"]
+    head += ["recon floor"] + [f"gFID, guidance {w}" for w in scales]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for name, runs in tokenizers.items():
-        for r in sorted(runs.values(), key=lambda r: r["decoder_steps"]):
-            cells = [name, f"{r['decoder_steps']} ({r['decoder_only_steps']})"]
+        for _, r in sorted(runs.items(), key=lambda kv: (kv[1]["decoder_steps"], kv[0])):
+            gan = "-" if r["decoder_only_gan_weight"] is None else f"{r['decoder_only_gan_weight']:g}"
+            cells = [name, f"{r['decoder_steps']} ({r['decoder_only_steps']})", gan]
             cells += [f"{r['psnr']:.2f}", f"{r['lpips']:.3f}", f"{r['rfid']:.1f}", f"{r['recon_floor']:.1f}"]
             cells += [f"{r['gfid'][w]:.1f}" if w in r["gfid"] else "-" for w in scales]
             lines.append("| " + " | ".join(cells) + " |")

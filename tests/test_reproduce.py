@@ -171,6 +171,14 @@ def test_a_longer_decoder_lengthens_a_decoder_only_stage_or_appends_one() -> Non
     assert (added.gan_weight, added.gan_start) == (study.stages[2].gan_weight, study.stages[2].gan_start)
     with pytest.raises(ValueError, match="adds nothing"):
         share.longer_decoder(study, 1200)
+    # --gan-weight sets the decoder-only stage's GAN weight, and nothing else; its runs are kept apart.
+    no_gan = share.longer_decoder(study, 2000, gan_weight=0.0)
+    assert no_gan.stages[:2] == study.stages[:2] and no_gan.stages[2] == dataclasses.replace(
+        aligntok.stages[2], gan_weight=0.0
+    )
+    vae_no_gan = share.longer_decoder(rep.tokenizer_recipe("vae", "emoji", budget), 2000, gan_weight=0.0)
+    assert vae_no_gan.stages[1] == dataclasses.replace(added, gan_weight=0.0)
+    assert share.run_key(2000, None) == "2000" and share.run_key(2000, 0.0) == "2000-gan0"
 
 
 @pytest.mark.slow
@@ -204,5 +212,8 @@ def test_a_longer_decoder_keeps_the_latent_space_and_remeasures_its_dit(tmp_path
     assert share.refine_decoder(out, "aligntok", data, budget, 9)[1]["gfid"] == entry["gfid"]
     table = share.markdown({"fid_floor": 5.0, "tokenizers": {"aligntok": {"7": baseline, "9": entry}}})
     rows = table.splitlines()
-    assert rows[2].startswith("| aligntok | 7 (2) |") and rows[3].startswith("| aligntok | 9 (4) |")
+    gan = f"{rep.tokenizer_recipe('aligntok', data, budget).stages[2].gan_weight:g}"
+    assert rows[2].startswith(f"| aligntok | 7 (2) | {gan} |") and rows[3].startswith(
+        f"| aligntok | 9 (4) | {gan} |"
+    )
     assert rows[-1].endswith("5.0")
