@@ -126,7 +126,7 @@ def refine_decoder(
     cfg = longer_decoder(study_cfg, decoder_steps, gan_weight=gan_weight)
     source = study / name / "tokenizer"
     last = budget.checkpoints[-1]
-    dit = study / name / "dit-seed0" / "exports" / f"step-{last:07d}"
+    dit = rep.checkpoint_dit(study / name, 0, last)
     scales = (budget.cfg, 1.0)
     measured = {w: rep.checkpoint_samples(study / name, 0, last, w) / "fid.json" for w in scales}
     missing = [p for p in [source / "export", dit, *measured.values()] if not p.exists()]
@@ -152,7 +152,7 @@ def refine_decoder(
     entry = {
         "decoder_steps": decoder_steps,
         "decoder_only_steps": _decoder_only(cfg),
-        "decoder_only_gan_weight": cfg.stages[-1].gan_weight,
+        "decoder_only_gan_weight": _decoder_only_gan_weight(cfg),
         "psnr": metrics["psnr"],
         "lpips": metrics["lpips"],
         "rfid": metrics["rfid"],
@@ -165,7 +165,7 @@ def refine_decoder(
     baseline = {
         "decoder_steps": _decoder_steps(study_cfg),
         "decoder_only_steps": _decoder_only(study_cfg),
-        "decoder_only_gan_weight": study_cfg.stages[-1].gan_weight if _decoder_only(study_cfg) else None,
+        "decoder_only_gan_weight": _decoder_only_gan_weight(study_cfg),
         "psnr": before["psnr"],
         "lpips": before["lpips"],
         "rfid": before["rfid"],
@@ -181,6 +181,12 @@ def _decoder_steps(cfg: TokenizerTrainConfig) -> int:
 
 def _decoder_only(cfg: TokenizerTrainConfig) -> int:
     return sum(s.steps for s in cfg.stages if s.train == ("decoder",))
+
+
+def _decoder_only_gan_weight(cfg: TokenizerTrainConfig) -> float | None:
+    """The GAN weight of the recipe's closing decoder-only stage; None if it has none."""
+    last = cfg.stages[-1]
+    return last.gan_weight if last.train == ("decoder",) else None
 
 
 def markdown(result: dict[str, Any]) -> str:

@@ -43,7 +43,7 @@ from aligntok.recipes.dit import dit_train_recipe
 from aligntok.recipes.tokenizer import tokenizer_train_recipe
 from aligntok.report import cached_json, plot_curves, write_json
 from aligntok.tokenizer_eval import tokenizer_metrics
-from aligntok.train.dit import train_dit
+from aligntok.train.dit import kept_export, train_dit
 from aligntok.train.tokenizer import stage_dir, train_tokenizer
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -239,6 +239,16 @@ def study_gfid(
     )["fid"]
 
 
+def dit_run(run: Path, seed: int) -> Path:
+    """Where a study trains `run`'s (`<out>/<name>`) DiT of training seed `seed`."""
+    return run / f"dit-seed{seed}"
+
+
+def checkpoint_dit(run: Path, seed: int, step: int) -> Path:
+    """The export of `run`'s DiT seed `seed` at checkpoint `step`."""
+    return kept_export(dit_run(run, seed), step)
+
+
 def checkpoint_samples(run: Path, seed: int, step: int, cfg: float) -> Path:
     """Where a study keeps the samples of `run`'s (`<out>/<name>`) DiT seed `seed` at `step` with guidance
     `cfg` (the study's Euler steps)."""
@@ -279,16 +289,15 @@ def study_tokenizer(name: str, dataset: str, budget: Budget, out: Path) -> dict[
                 f"keep_checkpoints=[{','.join(map(str, budget.checkpoints))}]",
             ],
         )
-        run = out / name / f"dit-seed{seed}"
-        train_dit(cfg, latents=cache, out=run, resume=True)  # a finished run is found, not retrained
+        train_dit(cfg, latents=cache, out=dit_run(out / name, seed), resume=True)  # found, not retrained
         for c in budget.checkpoints:
-            export = run / "exports" / f"step-{c:07d}"
+            export = checkpoint_dit(out / name, seed, c)
             what = f"seed {seed}, {c} DiT steps"
             guided = checkpoint_samples(out / name, seed, c, budget.cfg)
             gfid[c].append(measure(export, guided, what, cfg=budget.cfg))
             gfid_nocfg[c].append(measure(export, checkpoint_samples(out / name, seed, c, 1.0), what))
     # The sweeps at the last checkpoint (seed 0); a setting already measured there is read, not redone.
-    last = out / name / "dit-seed0" / "exports" / f"step-{budget.checkpoints[-1]:07d}"
+    last = checkpoint_dit(out / name, 0, budget.checkpoints[-1])
     sweep = out / name / "samples" / "sweep"
     what = f"seed 0, {budget.checkpoints[-1]} DiT steps"
     swept = name in SWEPT

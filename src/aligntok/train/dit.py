@@ -247,13 +247,18 @@ def train_dit(cfg: DiTTrainConfig, *, latents: str | Path, out: str | Path, resu
                 },
             )
         if step in cfg.keep_checkpoints:
-            export_dit(model, ema, cfg, cache, out / "exports" / f"step-{step:07d}")
+            export_dit(model, ema, cfg, cache, kept_export(out, step))
     bar.close()
     export = out / "export"
     export_dit(model, ema, cfg, cache, export)
     distributed.barrier()
     distributed.print0(f"DiT trained for {step} steps; export at {export}")
     return export
+
+
+def kept_export(out: str | Path, step: int) -> Path:
+    """Where a DiT run in `out` keeps the export of step `step` (one of `keep_checkpoints`)."""
+    return Path(out) / "exports" / f"step-{step:07d}"
 
 
 def export_dit(model: DiT, ema: EMA, cfg: DiTTrainConfig, cache: LatentCache, out: Path) -> None:
