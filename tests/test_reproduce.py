@@ -1,5 +1,5 @@
-"""benchmarks/reproduce.py and decoder_share.py: the studies' bookkeeping on debug models, a tiny image
-folder and a stand-in Inception (the real runs are in docs/results.md)."""
+"""benchmarks/reproduce.py, decoder_share.py and disc_probe.py: the studies' bookkeeping on debug models,
+a tiny image folder and a stand-in Inception (the real runs are in docs/results.md)."""
 
 from __future__ import annotations
 
@@ -7,13 +7,19 @@ import dataclasses
 import importlib.util
 import json
 import math
+import shutil
 import sys
 from pathlib import Path
 
 import pytest
+import torch
+import torch.nn.functional as F
 from safetensors.torch import load_file
 
+from aligntok.config import save_json
 from aligntok.data.latents import same_latent_space
+from aligntok.models.discriminator import DiscriminatorConfig
+from aligntok.recipes.tokenizer import tokenizer_train_recipe
 from conftest import make_image_folder
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -29,6 +35,7 @@ def _module(name: str):
 
 rep = _module("reproduce")
 share = _module("decoder_share")  # imports reproduce, found in sys.modules
+probe = _module("disc_probe")
 
 
 def test_steps_to_reach_interpolates_between_checkpoints() -> None:
@@ -217,3 +224,33 @@ def test_a_longer_decoder_keeps_the_latent_space_and_remeasures_its_dit(tmp_path
         f"| aligntok | 9 (4) | {gan} |"
     )
     assert rows[-1].endswith("5.0")
+
+
+def test_disc_probe_learns_a_visible_difference_and_stays_at_chance_on_none() -> None:
+    cfg = tokenizer_train_recipe("debug")
+    cfg = dataclasses.replace(cfg, batch_size=16, disc=DiscriminatorConfig(ch=8, num_layers=2), disc_lr=1e-3)
+    real = torch.rand(80, 3, 32, 32, generator=torch.Generator().manual_seed(0))
+    blurred = F.interpolate(F.avg_pool2d(real, 4), scale_factor=4.0)  # no detail finer than 4 px
+    seen = probe.probe(cfg, real, blurred, steps=60, every=30, seed=0)
+    assert [r["step"] for r in seen] == [30, 60] and seen[-1]["heldout_accuracy"] >= 0.9
+    assert seen[-1]["d"] < seen[0]["d"] < 1.0
+    # Identical "reconstructions": the two hinge gradients cancel, D cannot move off chance.
+    same = probe.probe(cfg, real, real.clone(), steps=30, every=30, seed=0)
+    assert same[-1]["heldout_accuracy"] == 0.5 and same[-1]["d"] == pytest.approx(1.0, abs=1e-3)
+
+
+def test_disc_probe_reads_the_run_and_writes_its_reports(tmp_path, debug_tokenizer, monkeypatch) -> None:
+    run = tmp_path / "run"
+    shutil.copytree(debug_tokenizer, run / "export")
+    data = make_image_folder(tmp_path / "shapes", per_class=20)  # 40 training images
+    save_json(dataclasses.replace(tokenizer_train_recipe("debug"), data=str(data)), run / "config.json")
+    argv = ["disc_probe.py", "--run", str(run), "--images", "40", "--steps", "4", "--every", "2"]
+    monkeypatch.setattr(sys, "argv", [*argv, "--disc-lr", "3e-4", "--norm", "none"])
+    probe.main()
+    result = json.loads((run / "disc_probe.json").read_text())
+    assert result["disc_lr"] == 3e-4 and result["disc"]["norm"] == "none" and result["data"] == str(data)
+    assert [r["step"] for r in result["reports"]] == [2, 4]
+    assert all(0.0 <= r["heldout_accuracy"] <= 1.0 and math.isfinite(r["d"]) for r in result["reports"])
+    monkeypatch.setattr(sys, "argv", [*argv, "--images", "41"])
+    with pytest.raises(ValueError, match="40 training images"):
+        probe.main()
