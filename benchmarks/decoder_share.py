@@ -9,8 +9,9 @@ Training only the decoder (encoder and adapter frozen) leaves the latent space, 
 study in `--out` and lets its decoder train for `--decoder-steps` steps in all (the study's budget gives
 every decoder the same 1,200 at `full`): a recipe whose last stage trains only the decoder (AlignTok's
 stage 3) gets that stage lengthened; any other (the one-stage baselines) gets a decoder-only stage
-appended, set as AlignTok's stage 3 is (same lr, the GAN from its first step). `--gan-weight` sets the
-base weight of the GAN term in that decoder-only stage (0: no GAN; default: the recipe's). It checks that
+appended, set as AlignTok's stage 3 is (the recipe's lr and GAN weight, any GAN from its first step). The
+study must come from the same recipes (the same commit of aligntok). `--gan-weight` sets the base weight
+of the GAN term in that decoder-only stage (0: no GAN; default: the recipe's). It checks that
 the new export encodes exactly as the study's (every weight and buffer outside the decoder equal), then
 measures with the refined decoder: PSNR, LPIPS and rFID, the reconstruction floor, and the gFID of the
 study's DiT (seed 0, last checkpoint, with and without guidance) from the same DiT export and the same
@@ -92,8 +93,8 @@ def longer_decoder(
 ) -> TokenizerTrainConfig:
     """`cfg` with its decoder trained `decoder_steps` steps in all, the extra ones with nothing else
     training: the last stage lengthened if it trains only the decoder, else a decoder-only stage appended
-    (AlignTok's stage 3 settings); that stage's GAN weight `gan_weight` if given. ValueError unless that
-    adds steps."""
+    (the last stage's lr and GAN weight, as AlignTok's stage 3); that stage's GAN weight `gan_weight` if
+    given. ValueError unless that adds steps."""
     now = _decoder_steps(cfg)
     if decoder_steps <= now:
         raise ValueError(f"--decoder-steps {decoder_steps} adds nothing: the recipe's decoder trains {now}")
@@ -103,7 +104,9 @@ def longer_decoder(
         refined = dataclasses.replace(last, steps=last.steps + extra)
         stages = cfg.stages[:-1]
     else:
-        refined = StageConfig(name="decoder", steps=extra, train=("decoder",), lr=last.lr)
+        refined = StageConfig(
+            name="decoder", steps=extra, train=("decoder",), lr=last.lr, gan_weight=last.gan_weight
+        )
         stages = cfg.stages
     if gan_weight is not None:
         refined = dataclasses.replace(refined, gan_weight=gan_weight)

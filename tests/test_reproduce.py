@@ -179,12 +179,12 @@ def test_a_longer_decoder_lengthens_a_decoder_only_stage_or_appends_one() -> Non
     with pytest.raises(ValueError, match="adds nothing"):
         share.longer_decoder(study, 1200)
     # --gan-weight sets the decoder-only stage's GAN weight, and nothing else; its runs are kept apart.
-    no_gan = share.longer_decoder(study, 2000, gan_weight=0.0)
-    assert no_gan.stages[:2] == study.stages[:2] and no_gan.stages[2] == dataclasses.replace(
-        aligntok.stages[2], gan_weight=0.0
+    other = share.longer_decoder(study, 2000, gan_weight=0.25)
+    assert other.stages[:2] == study.stages[:2] and other.stages[2] == dataclasses.replace(
+        aligntok.stages[2], gan_weight=0.25
     )
-    vae_no_gan = share.longer_decoder(rep.tokenizer_recipe("vae", "emoji", budget), 2000, gan_weight=0.0)
-    assert vae_no_gan.stages[1] == dataclasses.replace(added, gan_weight=0.0)
+    vae_other = share.longer_decoder(rep.tokenizer_recipe("vae", "emoji", budget), 2000, gan_weight=0.25)
+    assert vae_other.stages[1] == dataclasses.replace(added, gan_weight=0.25)
     assert share.run_key(2000, None) == "2000" and share.run_key(2000, 0.0) == "2000-gan0"
 
 

@@ -136,6 +136,10 @@ def test_every_recipe_builds_and_stage_selection_is_checked(tmp_path) -> None:
         s.steps for s in tokenizer_train_recipe("emoji").stages
     )
     assert all(s.sp_weight == 0 for s in tokenizer_train_recipe("emoji-wsp0").stages)
+    # The budget's GAN weight reaches every stage of every variant: none at 32 px, on elsewhere.
+    for name in tokenizer_train_recipes():
+        weights = {s.gan_weight for s in tokenizer_train_recipe(name).stages}
+        assert weights == ({0.0} if name.split("-")[0] in ("emoji32", "fashion") else {0.5}), name
     with pytest.raises(ValueError, match="not in this recipe"):
         train_tokenizer(tokenizer_train_recipe("debug"), out=tmp_path / "x", stage="4")
     with pytest.raises(ValueError, match="unknown tokenizer recipe"):
