@@ -29,11 +29,10 @@ from torch import Tensor
 from aligntok import distributed
 from aligntok.config import load_json
 from aligntok.data import build_dataset
-from aligntok.losses import hinge_d_loss
 from aligntok.models.discriminator import PatchDiscriminator
 from aligntok.report import write_json
 from aligntok.tokenizer_eval import load_tokenizer
-from aligntok.train.tokenizer import TokenizerTrainConfig
+from aligntok.train.tokenizer import TokenizerTrainConfig, discriminator_optimizer, discriminator_step
 
 
 def main() -> None:
@@ -96,19 +95,13 @@ def probe(
         raise ValueError(f"{len(real)} images: too few for batches of {cfg.batch_size} and a held-out fifth")
     torch.manual_seed(seed)
     disc = PatchDiscriminator(cfg.disc).to(real.device)
-    opt = torch.optim.AdamW(disc.parameters(), lr=cfg.disc_lr, betas=cfg.betas)
+    opt = discriminator_optimizer(cfg, disc)
     gen = torch.Generator().manual_seed(seed)
     train = len(real) - held
     reports = []
     for step in range(1, steps + 1):
         pick = torch.randint(0, train, (cfg.batch_size,), generator=gen).to(real.device)
-        with distributed.autocast(cfg.bf16):
-            logits = disc(torch.cat([real[pick], recon[pick]])).float()
-        loss = hinge_d_loss(*logits.chunk(2))
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(disc.parameters(), cfg.grad_clip)
-        opt.step()
+        loss = discriminator_step(cfg, disc, disc, opt, real[pick], recon[pick])
         if step % every == 0 or step == steps:
             with torch.no_grad():
                 right_real = (disc(real[train:]).mean((1, 2, 3)) > 0).float().mean()

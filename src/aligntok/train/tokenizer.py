@@ -276,9 +276,7 @@ def _train_stage(cfg: TokenizerTrainConfig, stage: StageConfig, *, out: Path) ->
     use_gan = stage.gan_weight > 0
     disc = PatchDiscriminator(cfg.disc).to(device) if use_gan else None
     train_disc = parallelize(disc, cfg.parallel, bf16=cfg.bf16) if disc is not None else None
-    opt_d = (
-        torch.optim.AdamW(disc.parameters(), lr=cfg.disc_lr, betas=cfg.betas) if disc is not None else None
-    )
+    opt_d = discriminator_optimizer(cfg, disc) if disc is not None else None
     ema = EMA(tokenizer, stage.ema_decay) if stage.ema_decay else None
     # Frozen target networks (L_sp reference, LPIPS, the VF encoder) are replicated, never wrapped.
     reference = _semantic_reference(cfg, out).to(device) if stage.sp_weight > 0 else None
@@ -380,15 +378,7 @@ def _train_stage(cfg: TokenizerTrainConfig, stage: StageConfig, *, out: Path) ->
             )
         opt.step()
         if gan_on:
-            with distributed.autocast(cfg.bf16):
-                # Real and fake in one call (GroupNorm: each sample is normalised alone), one forward per
-                # backward as DDP expects.
-                logits = train_disc(torch.cat([images, recon.detach()])).float()
-                losses["d"] = hinge_d_loss(*logits.chunk(2))
-            opt_d.zero_grad(set_to_none=True)
-            losses["d"].backward()
-            torch.nn.utils.clip_grad_norm_(disc.parameters(), cfg.grad_clip)
-            opt_d.step()
+            losses["d"] = discriminator_step(cfg, train_disc, disc, opt_d, images, recon.detach())
         if ema is not None:
             ema.update(tokenizer, step)
         step += 1
@@ -426,6 +416,32 @@ def _train_stage(cfg: TokenizerTrainConfig, stage: StageConfig, *, out: Path) ->
     if world.is_main:
         copy.save_pretrained(sdir / "export", extra_meta={"stage": stage.name, "steps": stage.steps})
     distributed.barrier()
+
+
+def discriminator_optimizer(cfg: TokenizerTrainConfig, disc: nn.Module) -> torch.optim.Optimizer:
+    return torch.optim.AdamW(disc.parameters(), lr=cfg.disc_lr, betas=cfg.betas)
+
+
+def discriminator_step(
+    cfg: TokenizerTrainConfig,
+    train_disc: nn.Module,
+    disc: nn.Module,
+    opt_d: torch.optim.Optimizer,
+    real: Tensor,
+    fake: Tensor,
+) -> Tensor:
+    """One hinge-loss update of the discriminator (`train_disc` its parallel wrapper, `disc` the module
+    holding its parameters) on a batch of real and (detached) fake images; returns the loss."""
+    with distributed.autocast(cfg.bf16):
+        # Real and fake in one call (GroupNorm: each sample is normalised alone), one forward per backward
+        # as DDP expects.
+        logits = train_disc(torch.cat([real, fake])).float()
+        loss = hinge_d_loss(*logits.chunk(2))
+    opt_d.zero_grad(set_to_none=True)
+    loss.backward()
+    torch.nn.utils.clip_grad_norm_(disc.parameters(), cfg.grad_clip)
+    opt_d.step()
+    return loss
 
 
 def _index(cfg: TokenizerTrainConfig, stage: StageConfig) -> int:
