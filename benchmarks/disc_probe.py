@@ -56,7 +56,7 @@ def main() -> None:
     if args.norm is not None:
         cfg = dataclasses.replace(cfg, disc=dataclasses.replace(cfg.disc, norm=args.norm))
     data = args.data or cfg.data
-    real, recon = reconstructions(run / "export", data, args.images, seed=args.seed)
+    real, recon = reconstructions(run / "export", data, args.images, seed=args.seed, bf16=cfg.bf16)
     t0 = time.time()
     reports = probe(cfg, real, recon, steps=args.steps, every=args.every, seed=args.seed)
     result = {
@@ -71,16 +71,17 @@ def main() -> None:
     write_json(result, Path(args.json) if args.json else run / "disc_probe.json")
 
 
-def reconstructions(export: Path, data: str, num: int, *, seed: int) -> tuple[Tensor, Tensor]:
+def reconstructions(export: Path, data: str, num: int, *, seed: int, bf16: bool) -> tuple[Tensor, Tensor]:
     """`num` seeded training images of `data` (N, 3, H, W) in [0, 1] and the tokenizer's reconstructions of
-    them (unclamped, as the discriminator sees them in training; bf16 autocast), on this process's device."""
+    them, unclamped and under the run's autocast as the discriminator sees them in training, on this
+    process's device."""
     tok = load_tokenizer(export)
     dataset = build_dataset(data, split="train", resolution=tok.config.image_size)
     if num > len(dataset):
         raise ValueError(f"--images {num}: {data} has {len(dataset)} training images")
     pick = torch.randperm(len(dataset), generator=torch.Generator().manual_seed(seed))[:num]
     real = torch.stack([dataset[int(i)]["image"] for i in pick]).to(distributed.device())
-    with torch.no_grad(), distributed.autocast(True):
+    with torch.no_grad(), distributed.autocast(bf16):
         recon = torch.cat([tok(chunk)[0].float() for chunk in real.split(256)])
     return real, recon
 

@@ -232,7 +232,15 @@ def test_latent_cache_and_sampler_on_2_ranks_equal_one_process(
     one = generate(dit_dir=dit, num=6, out=tmp_path / "one", steps=2, cfg_scale=2.0, batch_size=2)
     _spawn(_cache_and_sample, debug_tokenizer, str(image_folder), dit, tmp_path / "two")
     a, b = LatentCache.load(cache), LatentCache.load(tmp_path / "two" / "cache")
-    assert a.meta == b.meta and torch.equal(a.indices, b.indices)
+
+    def rest(meta: dict) -> dict:
+        return {k: v for k, v in meta.items() if k not in ("mean", "std")}
+
+    # Encoding in batches of another size may round differently (the latents agree to float tolerance, not
+    # bit for bit), so the statistics computed from them are compared to the same tolerance.
+    assert rest(a.meta) == rest(b.meta)
+    torch.testing.assert_close((a.mean, a.std), (b.mean, b.std))
+    assert torch.equal(a.indices, b.indices)
     torch.testing.assert_close(a.latents, b.latents)
     npz_one, npz_two = np.load(one / "samples.npz"), np.load(tmp_path / "two" / "samples" / "samples.npz")
     assert np.array_equal(npz_one["arr_0"], npz_two["arr_0"])
