@@ -102,7 +102,7 @@ def probe(
     reports = []
     for step in range(1, steps + 1):
         pick = torch.randint(0, train, (cfg.batch_size,), generator=gen).to(real.device)
-        loss = discriminator_step(cfg, disc, disc, opt, real[pick], recon[pick])
+        loss = discriminator_step(cfg, disc, opt, real[pick], recon[pick])
         if step % every == 0 or step == steps:
             with torch.no_grad():
                 right_real = (disc(real[train:]).mean((1, 2, 3)) > 0).float().mean()

@@ -378,7 +378,7 @@ def _train_stage(cfg: TokenizerTrainConfig, stage: StageConfig, *, out: Path) ->
             )
         opt.step()
         if gan_on:
-            losses["d"] = discriminator_step(cfg, train_disc, disc, opt_d, images, recon.detach())
+            losses["d"] = discriminator_step(cfg, train_disc, opt_d, images, recon.detach())
         if ema is not None:
             ema.update(tokenizer, step)
         step += 1
@@ -423,19 +423,14 @@ def discriminator_optimizer(cfg: TokenizerTrainConfig, disc: nn.Module) -> torch
 
 
 def discriminator_step(
-    cfg: TokenizerTrainConfig,
-    train_disc: nn.Module,
-    disc: nn.Module,
-    opt_d: torch.optim.Optimizer,
-    real: Tensor,
-    fake: Tensor,
+    cfg: TokenizerTrainConfig, disc: nn.Module, opt_d: torch.optim.Optimizer, real: Tensor, fake: Tensor
 ) -> Tensor:
-    """One hinge-loss update of the discriminator (`train_disc` its parallel wrapper, `disc` the module
-    holding its parameters) on a batch of real and (detached) fake images; returns the loss."""
+    """One hinge-loss update of the discriminator `disc` (the module or its parallel wrapper, which yields
+    the same parameters) on a batch of real and (detached) fake images; returns the loss."""
     with distributed.autocast(cfg.bf16):
         # Real and fake in one call (GroupNorm: each sample is normalised alone), one forward per backward
         # as DDP expects.
-        logits = train_disc(torch.cat([real, fake])).float()
+        logits = disc(torch.cat([real, fake])).float()
         loss = hinge_d_loss(*logits.chunk(2))
     opt_d.zero_grad(set_to_none=True)
     loss.backward()
