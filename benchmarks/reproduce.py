@@ -16,26 +16,37 @@ at every checkpoint (the mean over seeds; `aligntok` and `vae` get `seeds` train
 needs to reach the vanilla VAE's final gFID, and the real-vs-real FID floor at the same sample count, and
 for each tokenizer its reconstruction floor (the same real images through the tokenizer: the gFID its
 decoder sets, however well a DiT learns the latents).
-Every step is resumable (rerun the same command). Writes benchmarks/results/reproduce-<dataset>.json (after
-each tokenizer, with `complete` and `pending`), docs/img/reproduce-<dataset>.png (the convergence plot)
-and prints the markdown tables for docs/results.md.
+The result file, benchmarks/results/reproduce-<dataset>.json, is also the study's record of what it has
+measured: every number (tokenizer metrics, floors, each gFID) goes into its `measured` map the moment it is
+known, keyed by what it measured, with the commit that measured it, and a rerun (the same command, on any
+machine, e.g. a fresh clone) measures only what is missing there: a study longer than a session lands its
+progress in git piece by piece. A tokenizer or DiT is trained only while one of its numbers is missing (in
+`--out`, where an interrupted one resumes). The file is bound to the study's `fingerprint` (the budget and
+every resolved tokenizer and DiT recipe): a changed recipe does not mix with old numbers (`--fresh` starts
+over). It also holds the finished tokenizers' rows with `complete` and `pending`; docs/img/
+reproduce-<dataset>.png is the convergence plot; the markdown tables for docs/results.md are printed.
 """
 
 from __future__ import annotations
 
 import argparse
 import dataclasses
+import functools
+import hashlib
 import json
 import os
 import platform
 import shutil
+import subprocess
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from aligntok.config import apply_overrides
+from aligntok.checkpoint import export_hash
+from aligntok.config import apply_overrides, to_dict
 from aligntok.data import build_dataset
 from aligntok.data.latents import build_cache
 from aligntok.evaluate import fid_floor, generation_fid
@@ -166,11 +177,100 @@ def train_one_tokenizer(name: str, dataset: str, budget: Budget, out: Path) -> P
     run = out / name / "tokenizer"
     cfg = tokenizer_recipe(name, dataset, budget)
     stage1 = cfg.stages[0]
-    if name == "aligntok_wsp0" and not stage_dir(run, stage1).exists():
-        # Same stage 1 as aligntok (the recipes differ from stage 2 on): reuse it, so that the two differ
-        # only by w_sp, and the study spends one stage 1 less.
-        shutil.copytree(stage_dir(out / "aligntok" / "tokenizer", stage1), stage_dir(run, stage1))
+    shared = stage_dir(out / "aligntok" / "tokenizer", stage1)
+    if name == "aligntok_wsp0" and shared.exists() and not stage_dir(run, stage1).exists():
+        # The same stage 1 as aligntok (the recipes differ from stage 2 on): reuse it where this work
+        # directory has it, so that the two differ only by w_sp, and the study spends one stage 1 less.
+        shutil.copytree(shared, stage_dir(run, stage1))
     return train_tokenizer(cfg, out=run, resume=True)
+
+
+def dit_recipe(budget: Budget, seed: int) -> Any:
+    """The study's DiT recipe: the same for every tokenizer, `seed` its training seed."""
+    return apply_overrides(
+        dit_train_recipe(budget.dit_recipe),
+        [
+            f"steps={budget.dit_steps}",
+            f"seed={seed}",
+            f"ema_decay={budget.dit_ema_decay}",
+            "bf16=true",
+            f"keep_checkpoints=[{','.join(map(str, budget.checkpoints))}]",
+        ],
+    )
+
+
+def fingerprint(dataset: str, budget: Budget) -> str:
+    """What a study's numbers depend on beyond the code: its budget and every resolved recipe."""
+    what = {
+        "dataset": dataset,
+        "budget": dataclasses.asdict(budget),
+        "tokenizers": {name: to_dict(tokenizer_recipe(name, dataset, budget)) for name in TOKENIZERS},
+        "dit": to_dict(dit_recipe(budget, seed=0)),
+    }
+    return hashlib.sha256(json.dumps(what, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def git_commit() -> str | None:
+    """The checkout's commit (with "+changes" when its tracked files differ from it), or None outside git."""
+    try:
+        head = subprocess.run(
+            ["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True, check=True
+        ).stdout.strip()
+        dirty = subprocess.run(["git", "diff", "--quiet", "HEAD"], cwd=ROOT, capture_output=True).returncode
+    except (OSError, subprocess.CalledProcessError):
+        return None
+    return head + ("+changes" if dirty else "")
+
+
+class Ledger:
+    """Every number a study has measured, keyed by what it measured: `{key: {"value", "commit", "date",
+    "wall_s"}}`. `value(key, compute)` returns the recorded value, or computes, records and `save`s it at
+    once: the result file always holds all that is known, and a rerun anywhere recomputes none of it."""
+
+    def __init__(self, measured: dict[str, Any], save: Callable[[], None], commit: str | None) -> None:
+        self.measured, self.save, self.commit = measured, save, commit
+
+    def has(self, key: str) -> bool:
+        return key in self.measured
+
+    def get(self, key: str) -> Any:
+        return self.measured[key]["value"]
+
+    def value(self, key: str, compute: Callable[[], Any]) -> Any:
+        if key not in self.measured:
+            t0 = time.time()
+            value = compute()
+            self.measured[key] = {
+                "value": value,
+                "commit": self.commit,
+                "date": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+                "wall_s": round(time.time() - t0, 1),
+            }
+            self.save()
+        return self.get(key)
+
+    def record_export(self, name: str, digest: str) -> None:
+        """Note the tokenizer export `name`'s numbers are measured on. Training is deterministic on one
+        machine, so a tokenizer retrained for a later piece is the same one; a second hash under
+        `<name>/exports` says it was not (another CPU's kernels), and the report says so."""
+        key = f"{name}/exports"
+        seen = self.measured.setdefault(key, {"value": [], "commit": self.commit})["value"]
+        if digest not in seen:
+            seen.append(digest)
+            self.save()
+
+
+def open_ledger(path: Path, fp: str, *, fresh: bool, save: Callable[[], None], commit: str | None) -> Ledger:
+    """The ledger recorded in the result file at `path` for the study `fp` (empty if there is none, or with
+    `fresh`). A result file of another study is not overwritten unless `fresh` says so."""
+    previous = json.loads(path.read_text()) if path.is_file() and not fresh else None
+    if previous is not None and previous.get("fingerprint") != fp:
+        raise SystemExit(
+            f"{path} holds another study (budget {previous.get('budget')}, fingerprint "
+            f"{previous.get('fingerprint')}; this one is {fp}): pass --fresh to replace it, "
+            "or --json elsewhere"
+        )
+    return Ledger(previous["measured"] if previous else {}, save, commit)
 
 
 def reference_size(dataset: str, budget: Budget) -> int | None:
@@ -255,89 +355,114 @@ def checkpoint_samples(run: Path, seed: int, step: int, cfg: float) -> Path:
     return run / "samples" / f"seed{seed}-step{step}" / f"cfg{cfg:g}"
 
 
-def study_tokenizer(name: str, dataset: str, budget: Budget, out: Path) -> dict[str, Any]:
-    t0 = time.time()
+def piece_key(name: str, seed: int, step: int, cfg: float, euler: int) -> str:
+    """The ledger key of one gFID: tokenizer, DiT seed and steps, guidance scale (1: none), Euler steps."""
+    return f"{name}/seed{seed}/step{step}/cfg{cfg:g}/euler{euler}"
+
+
+def study_pieces(name: str, budget: Budget) -> dict[int, list[tuple[int, float, int]]]:
+    """The gFIDs the study measures for `name`, per DiT seed, as (DiT steps, guidance, Euler steps): every
+    checkpoint with guidance and without, and for SWEPT tokenizers the sweeps at seed 0's last checkpoint (a
+    setting the checkpoints measure is not listed twice)."""
+    last = budget.checkpoints[-1]
+    pieces: dict[int, list[tuple[int, float, int]]] = {
+        seed: [(c, w, budget.sample_steps) for c in budget.checkpoints for w in (budget.cfg, 1.0)]
+        for seed in range(budget.seeds if name in SEEDED else 1)
+    }
+    if name in SWEPT:
+        sweeps = [(last, w, budget.sample_steps) for w in budget.cfg_sweep]
+        sweeps += [(last, 1.0, s) for s in budget.steps_sweep]
+        pieces[0] += [p for p in dict.fromkeys(sweeps) if p not in pieces[0]]
+    return pieces
+
+
+def piece_samples(run: Path, budget: Budget, seed: int, step: int, cfg: float, euler: int) -> Path:
+    """Where the study keeps one piece's samples: a checkpoint's, or a sweep's under `samples/sweep`."""
+    if euler != budget.sample_steps:
+        return run / "samples" / "sweep" / f"steps{euler}"
+    if cfg in (budget.cfg, 1.0):
+        return checkpoint_samples(run, seed, step, cfg)
+    return run / "samples" / "sweep" / f"cfg{cfg:g}"
+
+
+def study_tokenizer(
+    name: str, dataset: str, budget: Budget, out: Path, ledger: Ledger
+) -> dict[str, Any] | None:
+    """Measure what `ledger` lacks of `name` (work in `out / name`), training its tokenizer and a DiT seed
+    only while one of their numbers is missing; return its row once complete (`tokenizer_row`)."""
+    run = out / name
+    missing = {
+        seed: [p for p in todo if not ledger.has(piece_key(name, seed, *p))]
+        for seed, todo in study_pieces(name, budget).items()
+    }
+    keys = (f"{name}/metrics", f"{name}/recon_floor")
+    if all(map(ledger.has, keys)) and not any(missing.values()):
+        return tokenizer_row(name, dataset, budget, ledger)
     tok = train_one_tokenizer(name, dataset, budget, out)
-    metrics = tokenizer_metrics(
-        tok, dataset, num=budget.eval_num, bf16=True, out=out / name / "tokenizer_eval.json"
-    )
-    recon_floor = reconstruction_floor(out / name, dataset, budget)
-    cache = build_cache(
-        tokenizer_dir=tok, data=dataset, out=out / name / "latents", flip=budget.flip, bf16=True
-    )
-    seeds = range(budget.seeds if name in SEEDED else 1)
-    gfid: dict[int, list[float]] = {c: [] for c in budget.checkpoints}
-    gfid_nocfg: dict[int, list[float]] = {c: [] for c in budget.checkpoints}
+    ledger.record_export(name, export_hash(tok))
 
-    def measure(
-        export: Path, samples: Path, what: str, *, cfg: float = 1.0, steps: int | None = None
-    ) -> float:
-        """gFID of `export`'s samples in `samples` (found there if measured before), logged as it comes."""
-        steps = steps or budget.sample_steps
-        fid = study_gfid(export, samples, dataset, budget, cfg=cfg, steps=steps)
-        print(f"{name}, {what}, guidance {cfg:g}, {steps} Euler steps: gFID {fid:.2f}", flush=True)
-        return fid
+    def metrics() -> dict[str, float]:
+        m = tokenizer_metrics(tok, dataset, num=budget.eval_num, bf16=True, out=run / "tokenizer_eval.json")
+        return {"rfid": m["rfid"], "psnr": m["psnr"], "lpips": m["lpips"], "probe": m["probe_balanced"],
+                "cknna": m["cknna"]}  # fmt: skip
 
-    for seed in seeds:
-        cfg = apply_overrides(
-            dit_train_recipe(budget.dit_recipe),
-            [
-                f"steps={budget.dit_steps}",
-                f"seed={seed}",
-                f"ema_decay={budget.dit_ema_decay}",
-                "bf16=true",
-                f"keep_checkpoints=[{','.join(map(str, budget.checkpoints))}]",
-            ],
-        )
-        train_dit(cfg, latents=cache, out=dit_run(out / name, seed), resume=True)  # found, not retrained
-        for c in budget.checkpoints:
-            export = checkpoint_dit(out / name, seed, c)
-            what = f"seed {seed}, {c} DiT steps"
-            guided = checkpoint_samples(out / name, seed, c, budget.cfg)
-            gfid[c].append(measure(export, guided, what, cfg=budget.cfg))
-            gfid_nocfg[c].append(measure(export, checkpoint_samples(out / name, seed, c, 1.0), what))
-    # The sweeps at the last checkpoint (seed 0); a setting already measured there is read, not redone.
-    last = checkpoint_dit(out / name, 0, budget.checkpoints[-1])
-    sweep = out / name / "samples" / "sweep"
-    what = f"seed 0, {budget.checkpoints[-1]} DiT steps"
+    ledger.value(keys[0], metrics)
+    ledger.value(keys[1], lambda: reconstruction_floor(run, dataset, budget)["fid"])
+    cache = None
+    for seed, todo in missing.items():
+        if not todo:
+            continue
+        if cache is None:
+            cache = build_cache(
+                tokenizer_dir=tok, data=dataset, out=run / "latents", flip=budget.flip, bf16=True
+            )
+        train_dit(dit_recipe(budget, seed), latents=cache, out=dit_run(run, seed), resume=True)
+        for step, cfg, euler in todo:
+            export = checkpoint_dit(run, seed, step)
+            samples = piece_samples(run, budget, seed, step, cfg, euler)
+            fid = ledger.value(
+                piece_key(name, seed, step, cfg, euler),
+                functools.partial(study_gfid, export, samples, dataset, budget, cfg=cfg, steps=euler),
+            )
+            what = f"{name}, seed {seed}, {step} DiT steps, guidance {cfg:g}, {euler} Euler steps"
+            print(f"{what}: gFID {fid:.2f}", flush=True)
+    return tokenizer_row(name, dataset, budget, ledger)
+
+
+def tokenizer_row(name: str, dataset: str, budget: Budget, ledger: Ledger) -> dict[str, Any] | None:
+    """`name`'s row of the result file from the ledger (None while a number is missing): its metrics, the
+    gFID at every checkpoint (the mean over DiT seeds, each seed's too), with and without guidance, and the
+    sweeps."""
+    pieces = study_pieces(name, budget)
+    keys = [f"{name}/metrics", f"{name}/recon_floor"]
+    keys += [piece_key(name, seed, *p) for seed, todo in pieces.items() for p in todo]
+    if not all(map(ledger.has, keys)):
+        return None
+    s, last = budget.sample_steps, budget.checkpoints[-1]
+
+    def per_seed(cfg: float) -> dict[str, list[float]]:
+        return {
+            str(c): [ledger.get(piece_key(name, seed, c, cfg, s)) for seed in pieces]
+            for c in budget.checkpoints
+        }
+
     swept = name in SWEPT
-    cfg_sweep = {
-        f"{w:g}": measure(
-            last,
-            checkpoint_samples(out / name, 0, budget.checkpoints[-1], w)
-            if w == budget.cfg
-            else sweep / f"cfg{w:g}",
-            what,
-            cfg=w,
-        )
-        for w in (budget.cfg_sweep if swept else ())
-    }
-    steps_sweep = {
-        str(s): measure(
-            last,
-            checkpoint_samples(out / name, 0, budget.checkpoints[-1], 1.0)
-            if s == budget.sample_steps
-            else sweep / f"steps{s}",
-            what,
-            steps=s,
-        )
-        for s in (budget.steps_sweep if swept else ())
-    }
+    gfid, gfid_nocfg = per_seed(budget.cfg), per_seed(1.0)
     return {
-        "rfid": metrics["rfid"],
-        "psnr": metrics["psnr"],
-        "lpips": metrics["lpips"],
-        "probe": metrics["probe_balanced"],
-        "cknna": metrics["cknna"],
-        "recon_floor": recon_floor["fid"],
-        "gfid": {str(c): float(np.mean(v)) for c, v in gfid.items()},
-        "gfid_nocfg": {str(c): float(np.mean(v)) for c, v in gfid_nocfg.items()},
-        "gfid_seeds": {str(c): v for c, v in gfid.items()},
-        "gfid_nocfg_seeds": {str(c): v for c, v in gfid_nocfg.items()},
-        "cfg_sweep": cfg_sweep,
-        "sampling_steps_sweep": steps_sweep,
-        "tokenizer_steps": sum(s.steps for s in tokenizer_recipe(name, dataset, budget).stages),
-        "wall_s_this_call": round(time.time() - t0, 1),
+        **ledger.get(f"{name}/metrics"),
+        "recon_floor": ledger.get(f"{name}/recon_floor"),
+        "gfid": {c: float(np.mean(v)) for c, v in gfid.items()},
+        "gfid_nocfg": {c: float(np.mean(v)) for c, v in gfid_nocfg.items()},
+        "gfid_seeds": gfid,
+        "gfid_nocfg_seeds": gfid_nocfg,
+        "cfg_sweep": {
+            f"{w:g}": ledger.get(piece_key(name, 0, last, w, s)) for w in (budget.cfg_sweep if swept else ())
+        },
+        "sampling_steps_sweep": {
+            str(n): ledger.get(piece_key(name, 0, last, 1.0, n))
+            for n in (budget.steps_sweep if swept else ())
+        },
+        "tokenizer_steps": sum(st.steps for st in tokenizer_recipe(name, dataset, budget).stages),
     }
 
 
@@ -402,13 +527,16 @@ def main() -> None:
     parser.add_argument(
         "--report-only", action="store_true", help="redraw the plot and table from the results JSON (no runs)"
     )
+    parser.add_argument(
+        "--fresh",
+        action="store_true",
+        help="start a new record, replacing the result file's (another study's)",
+    )
     args = parser.parse_args()
     names = args.tokenizers.split(",")
     unknown = set(names) - set(TOKENIZERS)
     if unknown:
         parser.error(f"unknown tokenizers {sorted(unknown)}; choose from {list(TOKENIZERS)}")
-    if "aligntok_wsp0" in names and "aligntok" not in names:
-        parser.error("aligntok_wsp0 reuses aligntok's stage 1: include aligntok")
     names.sort(key=list(TOKENIZERS).index)  # aligntok before aligntok_wsp0
     budget = BUDGETS[args.budget]
     out = Path(args.out or f"runs/reproduce-{args.dataset}-{args.budget}")
@@ -423,61 +551,98 @@ def main() -> None:
     # floor, every gFID and the result file's budget_settings use the same value.
     budget = dataclasses.replace(budget, ref_num=reference_size(args.dataset, budget))
     t0 = time.time()
+    fp = fingerprint(args.dataset, budget)
+    ledger = open_ledger(
+        json_path,
+        fp,
+        fresh=args.fresh,
+        save=lambda: write_json(summarize(args.dataset, args.budget, budget, fp, ledger, t0=t0), json_path),
+        commit=git_commit(),
+    )
     resolution = tokenizer_recipe(names[0], args.dataset, budget).model.image_size
-    floor = cached_json(
-        out / "fid_floor.json",
-        lambda: fid_floor(
-            args.dataset,
-            num=budget.num_samples,
-            resolution=resolution,
-            ref_num=budget.ref_num,
-            bf16=True,
+    ledger.value(
+        "fid_floor",
+        lambda: cached_json(
+            out / "fid_floor.json",
+            lambda: fid_floor(
+                args.dataset, num=budget.num_samples, resolution=resolution, ref_num=budget.ref_num, bf16=True
+            ),
         ),
     )
-    tokenizers: dict[str, Any] = {}
-    for name in names:  # the results so far are written after each tokenizer: a long study shows progress
-        tokenizers[name] = study_tokenizer(name, args.dataset, budget, out)
-        result = summarize(args, budget, floor, tokenizers, t0=t0)
-        write_json(result, json_path)
+    for name in names:
+        study_tokenizer(name, args.dataset, budget, out, ledger)
+    result = summarize(args.dataset, args.budget, budget, fp, ledger, t0=t0)
+    write_json(result, json_path)
     report(result, plot_path)
     print(f"written: {json_path}, {plot_path}")
 
 
+def progress_markdown(result: dict[str, Any]) -> str:
+    """Every number the ledger holds, finished tokenizer or not ("-": not measured yet; blank: not part of the
+    study): each tokenizer's metrics, then its gFIDs per DiT seed (the sweeps on seed 0's row)."""
+    b, measured = result["budget_settings"], result["measured"]
+
+    def cell(key: str, spec: str = ".1f", scale: float = 1.0) -> str:
+        return format(scale * measured[key]["value"], spec) if key in measured else "-"
+
+    names = [n for n in TOKENIZERS if any(k.startswith(f"{n}/") for k in measured)]
+    head = ["tokenizer", "PSNR", "LPIPS", "rFID", "probe (%)", "CKNNA", "recon floor"]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for n in names:
+        m = measured.get(f"{n}/metrics", {}).get("value", {})
+        cells = [f"{m[k]:{spec}}" if k in m else "-" for k, spec in
+                 (("psnr", ".2f"), ("lpips", ".3f"), ("rfid", ".1f"))]  # fmt: skip
+        cells += [f"{100 * m['probe']:.1f}" if m else "-", f"{m['cknna']:.3f}" if m else "-"]
+        lines.append("| " + " | ".join([n, *cells, cell(f"{n}/recon_floor")]) + " |")
+    s, last = b["sample_steps"], b["checkpoints"][-1]
+    columns = [(c, b["cfg"], s) for c in b["checkpoints"]] + [(c, 1.0, s) for c in b["checkpoints"]]
+    columns += [(last, w, s) for w in b["cfg_sweep"] if w != b["cfg"]]
+    columns += [(last, 1.0, n) for n in b["steps_sweep"] if n != s]
+    head = ["tokenizer", "DiT seed"] + [f"@{c} cfg {w:g}, {e} steps" for c, w, e in columns]
+    table = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for n in names:
+        for seed, pieces in study_pieces(n, Budget(**b)).items():
+            cells = [cell(piece_key(n, seed, *col)) if col in pieces else "" for col in columns]
+            table.append("| " + " | ".join([n, str(seed), *cells]) + " |")
+    return "\n".join(lines) + "\n\n" + "\n".join(table)
+
+
 def report(result: dict[str, Any], plot_path: Path) -> None:
-    """The convergence plot (gFID against DiT steps, with and without guidance) and the markdown table."""
+    """The convergence plot (gFID against DiT steps, with and without guidance) and the markdown tables of the
+    finished tokenizers, then every number measured so far."""
     floor = result["fid_floor"]
-    series = {
-        f"{n}{suffix}": [(int(c), v) for c, v in t[key].items()]
-        for n, t in result["tokenizers"].items()
-        for key, suffix in (("gfid", ""), ("gfid_nocfg", " (no CFG)"))
-    }
-    plot_curves(
-        series,
-        plot_path,
-        title=f"{result['dataset']}: gFID vs DiT steps ({result['num_samples']} samples, "
-        f"floor {floor['fid']:.1f})",
-        xlabel="DiT training steps",
-        ylabel="gFID",
-    )
-    print(markdown(result))
-    print(
-        f"floor {floor['fid']:.2f} ({floor['num']} real {floor['split']} images); "
-        f"this call {result['wall_s_this_call']:.0f} s; pending: {', '.join(result['pending']) or 'none'}"
-    )
+    if result["tokenizers"]:
+        series = {
+            f"{n}{suffix}": [(int(c), v) for c, v in t[key].items()]
+            for n, t in result["tokenizers"].items()
+            for key, suffix in (("gfid", ""), ("gfid_nocfg", " (no CFG)"))
+        }
+        plot_curves(
+            series,
+            plot_path,
+            title=f"{result['dataset']}: gFID vs DiT steps ({result['num_samples']} samples, "
+            f"floor {floor['fid']:.1f})",
+            xlabel="DiT training steps",
+            ylabel="gFID",
+        )
+        print(markdown(result) + "\n")
+    print(progress_markdown(result) + "\n")
+    if floor is not None:
+        print(f"floor {floor['fid']:.2f} ({floor['num']} real {floor['split']} images)")
+    print(f"this call {result['wall_s_this_call']:.0f} s; pending: {', '.join(result['pending']) or 'none'}")
+    if result["retrained_differently"]:
+        print(f"retrained to another export (numbers span two): {', '.join(result['retrained_differently'])}")
 
 
 def summarize(
-    args: argparse.Namespace,
-    budget: Budget,
-    floor: dict[str, Any],
-    tokenizers: dict[str, Any],
-    *,
-    t0: float,
+    dataset: str, budget_name: str, budget: Budget, fp: str, ledger: Ledger, *, t0: float
 ) -> dict[str, Any]:
-    """The result file: settings, floor, per-tokenizer numbers, and the steps each needs to reach the
-    vanilla VAE's final gFID (once the VAE is measured). `complete` only when all six are measured: a
-    `--tokenizers` subset lists the others as pending."""
-    pending = [n for n in TOKENIZERS if n not in tokenizers]
+    """The result file: settings, floor, the finished tokenizers' rows, the steps each needs to reach the
+    vanilla VAE's final gFID (once the VAE is finished), and the ledger. `complete` only when all six are
+    finished; the others are `pending`."""
+    rows = {name: tokenizer_row(name, dataset, budget, ledger) for name in TOKENIZERS}
+    tokenizers = {name: row for name, row in rows.items() if row is not None}
+    pending = [name for name, row in rows.items() if row is None]
     target = None
     if "vae" in tokenizers:
         target = {
@@ -486,13 +651,14 @@ def summarize(
             "note": "its final gFID (with guidance)",
         }
     return {
-        "dataset": args.dataset,
-        "budget": args.budget,
+        "dataset": dataset,
+        "budget": budget_name,
         "budget_settings": dataclasses.asdict(budget),
+        "fingerprint": fp,
         "num_samples": budget.num_samples,
         "complete": not pending,
         "pending": pending,
-        "fid_floor": floor,
+        "fid_floor": ledger.get("fid_floor") if ledger.has("fid_floor") else None,
         "target": target,
         "steps_to_target": {
             n: steps_to_reach({int(c): v for c, v in t["gfid"].items()}, target["gfid"])
@@ -501,6 +667,12 @@ def summarize(
         if target
         else {},
         "tokenizers": tokenizers,
+        "retrained_differently": [
+            k.split("/")[0]
+            for k, e in ledger.measured.items()
+            if k.endswith("/exports") and len(e["value"]) > 1
+        ],
+        "measured": ledger.measured,
         "machine": f"{platform.machine()}, {os.cpu_count()} cores, {platform.platform()}",
         "wall_s_this_call": round(time.time() - t0, 1),  # a resumed study reuses earlier work
     }

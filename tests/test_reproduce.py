@@ -109,8 +109,9 @@ def test_study_reuses_stage1_and_reports_every_checkpoint(tmp_path, stub_incepti
     data = str(make_image_folder(tmp_path / "shapes", per_class=20))
     budget = rep.BUDGETS["debug"]
     out = tmp_path / "study"
-    first = rep.study_tokenizer("aligntok", data, budget, out)
-    wsp0 = rep.study_tokenizer("aligntok_wsp0", data, budget, out)
+    ledger = rep.Ledger({}, save=lambda: None, commit=None)
+    first = rep.study_tokenizer("aligntok", data, budget, out, ledger)
+    wsp0 = rep.study_tokenizer("aligntok_wsp0", data, budget, out, ledger)
     stage1 = [
         out / n / "tokenizer" / "stage-1" / "export" / "model.safetensors"
         for n in ("aligntok", "aligntok_wsp0")
@@ -140,29 +141,114 @@ def test_study_reuses_stage1_and_reports_every_checkpoint(tmp_path, stub_incepti
         first["sampling_steps_sweep"][str(budget.sample_steps)]
         == first["gfid_nocfg_seeds"][str(budget.checkpoints[-1])][0]
     )
-    # A rerun finds everything done and returns the same numbers.
-    again = rep.study_tokenizer("aligntok", data, budget, out)
-    assert again["gfid"] == first["gfid"] and again["probe"] == first["probe"]
+    # A rerun on a new record finds every piece in the work directory and returns the same numbers.
+    again = rep.study_tokenizer("aligntok", data, budget, out, rep.Ledger({}, save=lambda: None, commit=None))
+    assert again == first
+
+
+def _filled_ledger(budget, gfids: dict[str, dict[int, float]]) -> object:
+    """A ledger holding every number of the tokenizers in `gfids` ({name: {checkpoint: gFID}}, each piece
+    of a checkpoint given that value)."""
+    ledger = rep.Ledger({}, save=lambda: None, commit=None)
+    for name, curve in gfids.items():
+        ledger.value(
+            f"{name}/metrics", lambda: {"rfid": 1.0, "psnr": 2.0, "lpips": 0.1, "probe": 0.5, "cknna": 0.9}
+        )
+        ledger.value(f"{name}/recon_floor", lambda: 3.0)
+        for seed, todo in rep.study_pieces(name, budget).items():
+            for step, cfg, euler in todo:
+                ledger.value(rep.piece_key(name, seed, step, cfg, euler), lambda v=curve[step]: v)
+    return ledger
 
 
 def test_summary_marks_pending_work_and_targets_the_vae() -> None:
-    import argparse
-
     budget = rep.BUDGETS["debug"]
-    args = argparse.Namespace(dataset="emoji", budget="debug")
-    floor = {"fid": 10.0}
-    aligntok = {"gfid": {"3": 50.0, "6": 30.0}}
-    partial = rep.summarize(args, budget, floor, {"aligntok": aligntok}, t0=0.0)
+
+    def summary(ledger) -> dict:
+        return rep.summarize("emoji", "debug", budget, "fp", ledger, t0=0.0)
+
+    ledger = _filled_ledger(budget, {"aligntok": {3: 50.0, 6: 30.0}})
+    partial = summary(ledger)
     assert partial["complete"] is False and partial["pending"] == list(rep.TOKENIZERS)[1:]
     assert partial["target"] is None and partial["steps_to_target"] == {}
-    vae = {"gfid": {"3": 60.0, "6": 40.0}}
-    pair = rep.summarize(args, budget, floor, {"aligntok": aligntok, "vae": vae}, t0=0.0)
-    assert pair["complete"] is False and "vavae" in pair["pending"]  # a --tokenizers subset
-    everything = {name: aligntok for name in rep.TOKENIZERS} | {"vae": vae}
-    done = rep.summarize(args, budget, floor, everything, t0=0.0)
+    assert partial["tokenizers"]["aligntok"]["gfid"] == {"3": 50.0, "6": 30.0}
+    # One missing piece (the VAE's second DiT seed, last checkpoint, no guidance) keeps the VAE pending.
+    ledger = _filled_ledger(budget, {"aligntok": {3: 50.0, 6: 30.0}, "vae": {3: 60.0, 6: 40.0}})
+    del ledger.measured[rep.piece_key("vae", 1, 6, 1.0, budget.sample_steps)]
+    assert summary(ledger)["pending"] == list(rep.TOKENIZERS)[1:] and summary(ledger)["target"] is None
+    ledger.value(rep.piece_key("vae", 1, 6, 1.0, budget.sample_steps), lambda: 40.0)
+    pair = summary(ledger)
+    assert pair["complete"] is False and "vavae" in pair["pending"] and "vae" not in pair["pending"]
+    fill = {name: {3: 50.0, 6: 30.0} for name in rep.TOKENIZERS} | {"vae": {3: 60.0, 6: 40.0}}
+    done = summary(_filled_ledger(budget, fill))
     assert done["complete"] is True and done["pending"] == [] and done["target"]["gfid"] == 40.0
     assert done["steps_to_target"]["vae"] == 6.0
     assert done["steps_to_target"]["aligntok"] == pytest.approx(3 + 3 * (50 - 40) / (50 - 30))
+
+
+def test_progress_table_shows_every_measured_number_and_dashes_the_rest() -> None:
+    budget = rep.BUDGETS["debug"]
+    ledger = _filled_ledger(budget, {"vae": {3: 60.0, 6: 40.0}})
+    del ledger.measured[rep.piece_key("vae", 1, 6, budget.cfg, budget.sample_steps)]
+    ledger.value(rep.piece_key("vavae", 0, 3, budget.cfg, budget.sample_steps), lambda: 70.0)
+    lines = rep.progress_markdown(rep.summarize("emoji", "debug", budget, "fp", ledger, t0=0.0)).splitlines()
+    assert "| vae | 2.00 | 0.100 | 1.0 | 50.0 | 0.900 | 3.0 |" in lines
+    assert "| vavae | - | - | - | - | - | - |" in lines  # a gFID, no metrics yet
+    # Columns: cfg 3 at 3 and 6 steps, none at 3 and 6, the sweep's cfg 2, its 2 Euler steps.
+    assert "| vae | 0 | 60.0 | 40.0 | 60.0 | 40.0 | 40.0 | 40.0 |" in lines
+    assert "| vae | 1 | 60.0 | - | 60.0 | 40.0 |  |  |" in lines  # sweeps are seed 0's
+    assert "| vavae | 0 | 70.0 | - | - | - | - | - |" in lines
+    ledger.value(rep.piece_key("vae_blur", 0, 3, budget.cfg, budget.sample_steps), lambda: 80.0)
+    lines = rep.progress_markdown(rep.summarize("emoji", "debug", budget, "fp", ledger, t0=0.0)).splitlines()
+    assert "| vae_blur | 0 | 80.0 | - | - | - |  |  |" in lines  # not swept
+
+
+def test_a_record_belongs_to_one_study(tmp_path) -> None:
+    path = tmp_path / "reproduce-emoji.json"
+    budget = rep.BUDGETS["debug"]
+    fp = rep.fingerprint("emoji", budget)
+    assert fp == rep.fingerprint("emoji", budget) != rep.fingerprint("fashion-mnist", budget)
+    assert fp != rep.fingerprint("emoji", dataclasses.replace(budget, dit_steps=7))
+
+    def save() -> None:
+        rep.write_json(rep.summarize("emoji", "debug", budget, fp, ledger, t0=0.0), path)
+
+    ledger = rep.open_ledger(path, fp, fresh=False, save=save, commit="abc1234")
+    ledger.value("fid_floor", lambda: {"fid": 5.0, "num": 12, "split": "val"})
+    entry = json.loads(path.read_text())["measured"]["fid_floor"]  # written at once, with its provenance
+    assert entry["value"]["fid"] == 5.0 and entry["commit"] == "abc1234" and entry["wall_s"] >= 0
+    reopened = rep.open_ledger(path, fp, fresh=False, save=save, commit=None)
+    assert reopened.get("fid_floor") == {"fid": 5.0, "num": 12, "split": "val"}
+    with pytest.raises(SystemExit, match="holds another study"):
+        rep.open_ledger(path, "another", fresh=False, save=save, commit=None)
+    assert not rep.open_ledger(path, "another", fresh=True, save=save, commit=None).measured
+
+
+@pytest.mark.slow
+def test_a_study_resumes_from_its_record_alone_and_retrains_only_for_what_is_missing(
+    tmp_path, stub_inception, monkeypatch
+) -> None:
+    data = str(make_image_folder(tmp_path / "shapes", per_class=20))
+    budget = rep.BUDGETS["debug"]
+    measured: dict = {}
+    first = rep.study_tokenizer(
+        "vavae", data, budget, tmp_path / "a", rep.Ledger(measured, lambda: None, None)
+    )
+    # Another machine: the record, no work directory. Nothing is trained or sampled again.
+    calls = []
+    ledger = rep.Ledger(json.loads(json.dumps(measured)), save=lambda: None, commit=None)
+    with monkeypatch.context() as m:  # (the context keeps stub_inception's patches)
+        m.setattr(rep, "train_one_tokenizer", lambda *a: calls.append(a))
+        assert rep.study_tokenizer("vavae", data, budget, tmp_path / "b", ledger) == first and not calls
+    # One gFID lost: the tokenizer and that DiT seed are trained again, to the same weights (training is
+    # deterministic), and the piece is measured again to the same number; the rest is not remeasured.
+    last = budget.checkpoints[-1]
+    lost = rep.piece_key("vavae", 0, last, 1.0, budget.sample_steps)
+    del ledger.measured[lost]
+    assert rep.study_tokenizer("vavae", data, budget, tmp_path / "b", ledger) == first
+    assert ledger.get("vavae/exports") == measured["vavae/exports"]["value"]  # one export, the same one
+    samples = tmp_path / "b" / "vavae" / "samples"
+    assert sorted(p.parent.name for p in samples.rglob("fid.json")) == ["cfg1"]
 
 
 def test_a_longer_decoder_lengthens_a_decoder_only_stage_or_appends_one() -> None:
@@ -195,7 +281,7 @@ def test_a_longer_decoder_keeps_the_latent_space_and_remeasures_its_dit(tmp_path
     out = tmp_path / "study"
     with pytest.raises(FileNotFoundError, match="has not measured aligntok"):
         share.refine_decoder(out, "aligntok", data, budget, 9)
-    study = rep.study_tokenizer("aligntok", data, budget, out)
+    study = rep.study_tokenizer("aligntok", data, budget, out, rep.Ledger({}, save=lambda: None, commit=None))
     baseline, entry = share.refine_decoder(out, "aligntok", data, budget, 9)
     last = str(budget.checkpoints[-1])
     # The baseline is what the study measured: its seed-0 DiT at the last checkpoint, its own decoder.
