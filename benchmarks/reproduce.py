@@ -16,15 +16,16 @@ at every checkpoint (the mean over seeds; `aligntok` and `vae` get `seeds` train
 needs to reach the vanilla VAE's final gFID, and the real-vs-real FID floor at the same sample count, and
 for each tokenizer its reconstruction floor (the same real images through the tokenizer: the gFID its
 decoder sets, however well a DiT learns the latents).
-The result file, benchmarks/results/reproduce-<dataset>.json, is also the study's record of what it has
-measured: every number (tokenizer metrics, floors, each gFID) goes into its `measured` map the moment it is
-known, keyed by what it measured, with the commit that measured it, and a rerun (the same command, on any
-machine, e.g. a fresh clone) measures only what is missing there: a study longer than a session lands its
-progress in git piece by piece. A tokenizer or DiT is trained only while one of its numbers is missing (in
-`--out`, where an interrupted one resumes). The file is bound to the study's `fingerprint` (the budget and
-every resolved tokenizer and DiT recipe): a changed recipe does not mix with old numbers (`--fresh` starts
-over). It also holds the finished tokenizers' rows with `complete` and `pending`; docs/img/
-reproduce-<dataset>.png is the convergence plot; the markdown tables for docs/results.md are printed.
+The result file, benchmarks/results/reproduce-<dataset>.json (`-<budget>` added for budgets other than
+`full`), is also the study's record: every number (tokenizer metrics, floors, each gFID) goes into its
+`measured` map the moment it is known, keyed by what it measured, with the commit that measured it, and a
+rerun (the same command, on any machine, e.g. a fresh clone) measures only what is missing there: a study
+longer than a session lands its progress in git piece by piece. A tokenizer or DiT is trained only while
+one of its numbers is missing (in `--out`, where an interrupted one resumes). The file is bound to the
+study's `fingerprint` (the budget and every resolved tokenizer and DiT recipe): a changed recipe does not
+mix with old numbers (`--fresh` starts over). It also holds the finished tokenizers' rows, `complete` and
+`pending`; docs/img/ gets the convergence plot under the same name; the markdown tables for docs/results.md
+are printed.
 """
 
 from __future__ import annotations
@@ -521,9 +522,14 @@ def main() -> None:
     )
     parser.add_argument("--tokenizers", default=",".join(TOKENIZERS), help="comma-separated subset")
     parser.add_argument(
-        "--json", default=None, help="result path (default benchmarks/results/reproduce-<dataset>.json)"
+        "--json",
+        default=None,
+        help="result path (default benchmarks/results/reproduce-<dataset>.json; other budgets than full: "
+        "reproduce-<dataset>-<budget>.json)",
     )
-    parser.add_argument("--plot", default=None, help="plot path (default docs/img/reproduce-<dataset>.png)")
+    parser.add_argument(
+        "--plot", default=None, help="plot path (default docs/img/ and the result file's name, .png)"
+    )
     parser.add_argument(
         "--report-only", action="store_true", help="redraw the plot and table from the results JSON (no runs)"
     )
@@ -540,8 +546,9 @@ def main() -> None:
     names.sort(key=list(TOKENIZERS).index)  # aligntok before aligntok_wsp0
     budget = BUDGETS[args.budget]
     out = Path(args.out or f"runs/reproduce-{args.dataset}-{args.budget}")
-    json_path = Path(args.json or ROOT / "benchmarks" / "results" / f"reproduce-{args.dataset}.json")
-    plot_path = Path(args.plot or ROOT / "docs" / "img" / f"reproduce-{args.dataset}.png")
+    stem = f"reproduce-{args.dataset}" + ("" if args.budget == "full" else f"-{args.budget}")
+    json_path = Path(args.json or ROOT / "benchmarks" / "results" / f"{stem}.json")
+    plot_path = Path(args.plot or ROOT / "docs" / "img" / f"{stem}.png")
     if args.report_only:
         if not json_path.is_file():
             parser.error(f"--report-only: {json_path} does not exist yet; run the study first")
@@ -626,11 +633,12 @@ def report(result: dict[str, Any], plot_path: Path) -> None:
             ylabel="gFID",
         )
         print(markdown(result) + "\n")
-    print(progress_markdown(result) + "\n")
+    if "measured" in result:  # (results written before the record was kept have only the rows)
+        print(progress_markdown(result) + "\n")
     if floor is not None:
         print(f"floor {floor['fid']:.2f} ({floor['num']} real {floor['split']} images)")
     print(f"this call {result['wall_s_this_call']:.0f} s; pending: {', '.join(result['pending']) or 'none'}")
-    if result["retrained_differently"]:
+    if result.get("retrained_differently"):
         print(f"retrained to another export (numbers span two): {', '.join(result['retrained_differently'])}")
 
 
