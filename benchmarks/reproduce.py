@@ -392,14 +392,14 @@ def study_tokenizer(
 ) -> dict[str, Any] | None:
     """Measure what `ledger` lacks of `name` (work in `out / name`), training its tokenizer and a DiT seed
     only while one of their numbers is missing; return its row once complete (`tokenizer_row`)."""
+    row = tokenizer_row(name, dataset, budget, ledger)
+    if row is not None:
+        return row
     run = out / name
     missing = {
         seed: [p for p in todo if not ledger.has(piece_key(name, seed, *p))]
         for seed, todo in study_pieces(name, budget).items()
     }
-    keys = (f"{name}/metrics", f"{name}/recon_floor")
-    if all(map(ledger.has, keys)) and not any(missing.values()):
-        return tokenizer_row(name, dataset, budget, ledger)
     tok = train_one_tokenizer(name, dataset, budget, out)
     ledger.record_export(name, export_hash(tok))
 
@@ -408,8 +408,8 @@ def study_tokenizer(
         return {"rfid": m["rfid"], "psnr": m["psnr"], "lpips": m["lpips"], "probe": m["probe_balanced"],
                 "cknna": m["cknna"]}  # fmt: skip
 
-    ledger.value(keys[0], metrics)
-    ledger.value(keys[1], lambda: reconstruction_floor(run, dataset, budget)["fid"])
+    ledger.value(f"{name}/metrics", metrics)
+    ledger.value(f"{name}/recon_floor", lambda: reconstruction_floor(run, dataset, budget)["fid"])
     cache = None
     for seed, todo in missing.items():
         if not todo:
