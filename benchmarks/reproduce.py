@@ -512,6 +512,13 @@ def sweeps_markdown(result: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
+def result_stem(dataset: str, budget_name: str, blur_fraction: float | None = None) -> str:
+    """The result file's and plot's name: `reproduce-<dataset>`, then `-<budget>` for budgets other than
+    `full` and `-blur<fraction>` where vae_blur's fraction is not the budget's own (another study)."""
+    stem = f"reproduce-{dataset}" + ("" if budget_name == "full" else f"-{budget_name}")
+    return stem + ("" if blur_fraction is None else f"-blur{blur_fraction:g}")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -534,6 +541,13 @@ def main() -> None:
         "--plot", default=None, help="plot path (default docs/img/ and the result file's name, .png)"
     )
     parser.add_argument(
+        "--blur-fraction",
+        type=float,
+        default=None,
+        help="vae_blur's fraction of the budget instead of the budget's own (another study: its result "
+        "file and plot get -blur<fraction> in their names)",
+    )
+    parser.add_argument(
         "--report-only", action="store_true", help="redraw the plot and table from the results JSON (no runs)"
     )
     parser.add_argument(
@@ -550,8 +564,12 @@ def main() -> None:
         names.remove("aligntok_wsp0")
         names.insert(names.index("aligntok") + 1, "aligntok_wsp0")
     budget = BUDGETS[args.budget]
+    if args.blur_fraction is not None:
+        if not 0 < args.blur_fraction <= 1:
+            parser.error(f"--blur-fraction must be in (0, 1], got {args.blur_fraction}")
+        budget = dataclasses.replace(budget, blur_fraction=args.blur_fraction)
     out = Path(args.out or f"runs/reproduce-{args.dataset}-{args.budget}")
-    stem = f"reproduce-{args.dataset}" + ("" if args.budget == "full" else f"-{args.budget}")
+    stem = result_stem(args.dataset, args.budget, args.blur_fraction)
     json_path = Path(args.json or ROOT / "benchmarks" / "results" / f"{stem}.json")
     plot_path = Path(args.plot or ROOT / "docs" / "img" / f"{stem}.png")
     if args.report_only:

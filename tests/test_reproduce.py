@@ -209,6 +209,10 @@ def test_a_record_belongs_to_one_study(tmp_path) -> None:
     fp = rep.fingerprint("emoji", budget)
     assert fp == rep.fingerprint("emoji", budget) != rep.fingerprint("fashion-mnist", budget)
     assert fp != rep.fingerprint("emoji", dataclasses.replace(budget, dit_steps=7))
+    # Another control (vae_blur stopped elsewhere) is another study, under another name.
+    assert fp != rep.fingerprint("emoji", dataclasses.replace(budget, blur_fraction=0.3))
+    assert rep.result_stem("emoji", "full") == "reproduce-emoji"
+    assert rep.result_stem("emoji", "short", 0.5) == "reproduce-emoji-short-blur0.5"
 
     def save() -> None:
         rep.write_json(rep.summarize("emoji", "debug", budget, fp, ledger, t0=0.0), path)
