@@ -512,11 +512,22 @@ def sweeps_markdown(result: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
+def blur_suffix(blur_fraction: float | None) -> str:
+    """`-blur<fraction>` where vae_blur's fraction is not the budget's own: another study, which must not
+    share the main study's result file, plot or work directory (its finished vae_blur tokenizer)."""
+    return "" if blur_fraction is None else f"-blur{blur_fraction:g}"
+
+
 def result_stem(dataset: str, budget_name: str, blur_fraction: float | None = None) -> str:
     """The result file's and plot's name: `reproduce-<dataset>`, then `-<budget>` for budgets other than
-    `full` and `-blur<fraction>` where vae_blur's fraction is not the budget's own (another study)."""
+    `full`, then the blur suffix."""
     stem = f"reproduce-{dataset}" + ("" if budget_name == "full" else f"-{budget_name}")
-    return stem + ("" if blur_fraction is None else f"-blur{blur_fraction:g}")
+    return stem + blur_suffix(blur_fraction)
+
+
+def default_out(dataset: str, budget_name: str, blur_fraction: float | None = None) -> Path:
+    """The work directory: `runs/reproduce-<dataset>-<budget>`, then the blur suffix."""
+    return Path(f"runs/reproduce-{dataset}-{budget_name}{blur_suffix(blur_fraction)}")
 
 
 def main() -> None:
@@ -526,7 +537,7 @@ def main() -> None:
     parser.add_argument("--dataset", choices=sorted(BASES), required=True)
     parser.add_argument("--budget", choices=sorted(BUDGETS), default="short")
     parser.add_argument(
-        "--out", default=None, help="work directory (default runs/reproduce-<dataset>-<budget>)"
+        "--out", default=None, help="work directory (default runs/reproduce-<dataset>-<budget>[-blur<F>])"
     )
     parser.add_argument(
         "--tokenizers", default=",".join(TOKENIZERS), help="comma-separated subset, studied in this order"
@@ -545,7 +556,7 @@ def main() -> None:
         type=float,
         default=None,
         help="vae_blur's fraction of the budget instead of the budget's own (another study: its result "
-        "file and plot get -blur<fraction> in their names)",
+        "file, plot and default work directory get -blur<fraction> in their names)",
     )
     parser.add_argument(
         "--report-only", action="store_true", help="redraw the plot and table from the results JSON (no runs)"
@@ -568,7 +579,7 @@ def main() -> None:
         if not 0 < args.blur_fraction <= 1:
             parser.error(f"--blur-fraction must be in (0, 1], got {args.blur_fraction}")
         budget = dataclasses.replace(budget, blur_fraction=args.blur_fraction)
-    out = Path(args.out or f"runs/reproduce-{args.dataset}-{args.budget}")
+    out = Path(args.out) if args.out else default_out(args.dataset, args.budget, args.blur_fraction)
     stem = result_stem(args.dataset, args.budget, args.blur_fraction)
     json_path = Path(args.json or ROOT / "benchmarks" / "results" / f"{stem}.json")
     plot_path = Path(args.plot or ROOT / "docs" / "img" / f"{stem}.png")

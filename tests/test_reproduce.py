@@ -213,6 +213,9 @@ def test_a_record_belongs_to_one_study(tmp_path) -> None:
     assert fp != rep.fingerprint("emoji", dataclasses.replace(budget, blur_fraction=0.3))
     assert rep.result_stem("emoji", "full") == "reproduce-emoji"
     assert rep.result_stem("emoji", "short", 0.5) == "reproduce-emoji-short-blur0.5"
+    # ... and in its own work directory, where the main study's finished vae_blur would be reused.
+    assert rep.default_out("emoji", "full") == Path("runs/reproduce-emoji-full")
+    assert rep.default_out("emoji", "full", 0.5) == Path("runs/reproduce-emoji-full-blur0.5")
 
     def save() -> None:
         rep.write_json(rep.summarize("emoji", "debug", budget, fp, ledger, t0=0.0), path)
