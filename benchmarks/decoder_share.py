@@ -33,7 +33,7 @@ from typing import Any
 
 import reproduce as rep
 from aligntok.data.latents import same_latent_space
-from aligntok.report import write_json
+from aligntok.files import write_json
 from aligntok.tokenizer_eval import tokenizer_metrics
 from aligntok.train.tokenizer import StageConfig, TokenizerTrainConfig, stage_dir, train_tokenizer
 

@@ -29,9 +29,9 @@ from torch import Tensor
 from aligntok import distributed
 from aligntok.config import load_json
 from aligntok.data import build_dataset
+from aligntok.exports import load_tokenizer
+from aligntok.files import write_json
 from aligntok.models.discriminator import PatchDiscriminator
-from aligntok.report import write_json
-from aligntok.tokenizer_eval import load_tokenizer
 from aligntok.train.tokenizer import TokenizerTrainConfig, discriminator_optimizer, discriminator_step
 
 

@@ -28,6 +28,7 @@ import torch
 
 from aligntok.data import build_dataset
 from aligntok.metrics import fid as F
+from aligntok.metrics import inception, reference
 
 
 def timing(num: int, resolution: int, batch_size: int, reps: int) -> dict:
@@ -36,7 +37,7 @@ def timing(num: int, resolution: int, batch_size: int, reps: int) -> dict:
     optimises on the first calls."""
     ds = build_dataset("emoji", split="val", resolution=resolution)
     images = torch.stack([ds[i]["image"] for i in range(num + batch_size)])
-    model = F.InceptionFeatures.from_assets(device="cpu")
+    model = inception.InceptionFeatures.from_assets(device="cpu")
     kw = {"batch_size": batch_size, "model": model, "progress": False}
     out: dict = {
         "num_images": num,
@@ -46,11 +47,11 @@ def timing(num: int, resolution: int, batch_size: int, reps: int) -> dict:
     }
     seconds: dict[str, list[float]] = {"fp32": [], "bf16": []}
     for name in seconds:
-        F.extract_features(images[:batch_size], bf16=name == "bf16", **kw)
+        inception.extract_features(images[:batch_size], bf16=name == "bf16", **kw)
     for _ in range(reps):
         for name in seconds:
             t0 = time.perf_counter()
-            F.extract_features(images[batch_size:], bf16=name == "bf16", **kw)
+            inception.extract_features(images[batch_size:], bf16=name == "bf16", **kw)
             seconds[name].append(round(time.perf_counter() - t0, 2))
     for name, runs in seconds.items():
         best = min(runs)
@@ -59,7 +60,7 @@ def timing(num: int, resolution: int, batch_size: int, reps: int) -> dict:
     return out
 
 
-def solvers(a: F.Features, b: F.Features) -> dict:
+def solvers(a: inception.Features, b: inception.Features) -> dict:
     """FID by each solver (eigh is the reported value) and its wall time."""
     sa, sb = F.stats_from_features(a), F.stats_from_features(b)
     res = {}
@@ -89,13 +90,13 @@ def main() -> None:
         "machine": f"{platform.machine()} CPU, {os.cpu_count()} cores, torch {torch.__version__}",
         "torch_threads": torch.get_num_threads(),
         "resolution": res_px,
-        "inception_sha256": F.inception_sha256(),
+        "inception_sha256": inception.inception_sha256(),
         "extract_wall_s": {},
     }
 
-    def ref(spec: str, split: str, **kw) -> F.Features:
+    def ref(spec: str, split: str, **kw) -> inception.Features:
         t0 = time.time()
-        feats = F.reference_features(spec, split=split, resolution=res_px, batch_size=bs, **kw)
+        feats = reference.reference_features(spec, split=split, resolution=res_px, batch_size=bs, **kw)
         name = f"{spec}-{split}-{kw.get('num') or 'all'}{'-bf16' if kw.get('bf16') else ''}"
         results["extract_wall_s"][name] = round(time.time() - t0, 1)  # ~0 when it came from the cache
         return feats
@@ -179,12 +180,12 @@ def markdown(r: dict) -> str:
         )
     e = r["emoji_val_vs_train_subset"]
     lines.append(
-        f"| KID / precision / recall, emoji val vs train subset | {e['kid'][0]:.5f} ± {e['kid'][1]:.5f} / "
+        f"| KID / precision / recall, emoji val vs train subset | {e['kid'][0]:.5f} +- {e['kid'][1]:.5f} / "
         f"{e['precision']:.3f} / {e['recall']:.3f} |"
     )
     for n, f in r["floor_emoji_train_disjoint"].items():
         lines.append(
-            f"| FID floor, 2 disjoint emoji-train subsets of {n} | {f['mean']:.3f} ± {f['std']:.3f} "
+            f"| FID floor, 2 disjoint emoji-train subsets of {n} | {f['mean']:.3f} +- {f['std']:.3f} "
             f"({len(f['fids'])} seeds) |"
         )
     return "\n".join(lines)

@@ -32,10 +32,10 @@ import torch
 from torch import nn
 
 from aligntok.models.discriminator import PatchDiscriminator
-from aligntok.models.dit import DiT
+from aligntok.models.dit import DiT, dit_preset
 from aligntok.models.lpips import LPIPS
 from aligntok.models.tokenizer import Tokenizer
-from aligntok.recipes.dit import dit_preset, dit_train_recipe
+from aligntok.recipes.dit import dit_train_recipe
 from aligntok.recipes.tokenizer import tokenizer_train_recipe
 
 GIB = 2**30

@@ -51,9 +51,11 @@ from aligntok.config import apply_overrides, to_dict
 from aligntok.data import build_dataset
 from aligntok.data.latents import build_cache
 from aligntok.evaluate import fid_floor, generation_fid
+from aligntok.files import cached_json, write_json
 from aligntok.recipes.dit import dit_train_recipe
 from aligntok.recipes.tokenizer import tokenizer_train_recipe
-from aligntok.report import cached_json, plot_curves, write_json
+from aligntok.report import plot_curves
+from aligntok.sampling import SampleConfig
 from aligntok.tokenizer_eval import tokenizer_metrics
 from aligntok.train.dit import kept_export, train_dit
 from aligntok.train.tokenizer import stage_dir, train_tokenizer
@@ -327,18 +329,15 @@ def study_gfid(
     """gFID of a DiT export's samples in `samples` (found there if measured before) at the study's sample
     count and reference; guidance `cfg` on CFG_INTERVAL, `steps` Euler steps (default the budget's), through
     `tokenizer_dir` (default the DiT's own tokenizer)."""
-    guided = {"cfg_scale": cfg, "interval": CFG_INTERVAL} if cfg != 1.0 else {}
-    return generation_fid(
-        export,
-        out=samples,
-        data=dataset,
-        num=budget.num_samples,
-        ref_num=budget.ref_num,
-        bf16=True,
-        steps=steps or budget.sample_steps,
-        tokenizer_dir=tokenizer_dir,
-        **guided,
-    )["fid"]
+    interval = CFG_INTERVAL if cfg != 1.0 else (0.0, 1.0)
+    sample = SampleConfig(steps=steps or budget.sample_steps, cfg_scale=cfg, interval=interval, bf16=True)
+    kw = {
+        "data": dataset,
+        "num": budget.num_samples,
+        "ref_num": budget.ref_num,
+        "tokenizer_dir": tokenizer_dir,
+    }
+    return generation_fid(export, out=samples, sample=sample, **kw)["fid"]
 
 
 def dit_run(run: Path, seed: int) -> Path:

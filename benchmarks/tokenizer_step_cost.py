@@ -67,9 +67,9 @@ def time_parts(
 def main() -> None:
     torch.manual_seed(0)
     tok = Tokenizer(tokenizer_preset("emoji"))
-    wide = DecoderConfig(z_channels=16, ch=32, ch_mult=(1, 2, 4, 8), num_res_blocks=1, attn_resolutions=(8,))
+    wide = DecoderConfig(ch=32, ch_mult=(1, 2, 4, 8), num_res_blocks=1, attn_resolutions=(8,))
     parts = {
-        "decoder, 2 blocks per level": Decoder(wide, 8),
+        "decoder, 2 blocks per level": Decoder(wide, 8, latent_channels=16),
         "decoder, 1 block per level (emoji)": tok.decoder,
     }
     lpips = {"LPIPS VGG16": PerceptualLoss(net="vgg"), "LPIPS AlexNet": PerceptualLoss(net="alex")}

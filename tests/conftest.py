@@ -50,13 +50,13 @@ def stub_inception(tmp_path, monkeypatch) -> None:
     private reference cache: features of temporary folders must not land in the user's cache."""
     from torch import nn
 
-    from aligntok.metrics import fid
+    from aligntok.metrics import inception, reference
 
     def from_assets(cls, *, device=None):
         torch.manual_seed(0)
         net = nn.Sequential(nn.AdaptiveAvgPool2d(4), nn.Flatten(), nn.Linear(48, 64))
-        return fid.InceptionFeatures(net, sha256="stub")
+        return inception.InceptionFeatures(net, sha256="stub")
 
-    monkeypatch.setattr(fid.InceptionFeatures, "from_assets", classmethod(from_assets))
-    monkeypatch.setattr(fid, "inception_sha256", lambda: "stub")
-    monkeypatch.setattr(fid, "cache_dir", lambda: tmp_path / "fid_refs")
+    monkeypatch.setattr(inception.InceptionFeatures, "from_assets", classmethod(from_assets))
+    monkeypatch.setattr(reference, "inception_sha256", lambda: "stub")
+    monkeypatch.setattr(reference, "cache_dir", lambda: tmp_path / "fid_refs")

@@ -24,13 +24,15 @@ from aligntok import distributed
 from aligntok.checkpoint import latest_checkpoint, read_training_state
 from aligntok.config import apply_overrides
 from aligntok.data.latents import LatentCache, build_cache
+from aligntok.exports import load_dit
 from aligntok.generate import generate
 from aligntok.models.tokenizer import Tokenizer
 from aligntok.parallelize import full_state
 from aligntok.recipes.dit import dit_train_recipe
 from aligntok.recipes.tokenizer import tokenizer_train_recipe
+from aligntok.sampling import SampleConfig
 from aligntok.train.common import read_log
-from aligntok.train.dit import SpikeGuard, load_dit, train_dit
+from aligntok.train.dit import SpikeGuard, train_dit
 from aligntok.train.tokenizer import train_tokenizer
 
 pytestmark = pytest.mark.distributed
@@ -222,14 +224,18 @@ def test_dit_state_saved_on_2_ranks_resumes_on_1(cache, tmp_path) -> None:
 
 def _cache_and_sample(tokenizer: Path, data: str, dit: Path, out: Path) -> None:
     build_cache(tokenizer_dir=tokenizer, data=data, out=out / "cache", flip=True, shard_size=5)
-    generate(dit_dir=dit, num=6, out=out / "samples", steps=2, cfg_scale=2.0, batch_size=2)
+    generate(
+        dit_dir=dit, num=6, out=out / "samples", sample=SampleConfig(steps=2, cfg_scale=2.0), batch_size=2
+    )
 
 
 def test_latent_cache_and_sampler_on_2_ranks_equal_one_process(
     cache, debug_tokenizer, image_folder, tmp_path
 ) -> None:
     dit = train_dit(_dit_cfg("none", steps=2), latents=cache, out=tmp_path / "dit")
-    one = generate(dit_dir=dit, num=6, out=tmp_path / "one", steps=2, cfg_scale=2.0, batch_size=2)
+    one = generate(
+        dit_dir=dit, num=6, out=tmp_path / "one", sample=SampleConfig(steps=2, cfg_scale=2.0), batch_size=2
+    )
     _spawn(_cache_and_sample, debug_tokenizer, str(image_folder), dit, tmp_path / "two")
     a, b = LatentCache.load(cache), LatentCache.load(tmp_path / "two" / "cache")
 
@@ -265,9 +271,8 @@ def test_torchrun_dit_train_cli(cache, tmp_path) -> None:
 
 
 def test_modes_resolve_and_activation_checkpointing_keeps_keys_and_grads() -> None:
-    from aligntok.models.dit import DiT
+    from aligntok.models.dit import DiT, dit_preset
     from aligntok.parallelize import ParallelConfig, parallelize, resolve_mode
-    from aligntok.recipes.dit import dit_preset
 
     modes = ("auto", "none", "ddp", "fsdp")
     assert [resolve_mode(m, 1, process_group=False) for m in modes] == ["none"] * 4

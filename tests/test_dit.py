@@ -7,8 +7,8 @@ import itertools
 import pytest
 import torch
 
-from aligntok.flow import interpolate, velocity_target
-from aligntok.models.dit import DiT, DiTConfig
+from aligntok.flow import interpolate
+from aligntok.models.dit import DIT_PRESETS, DiT, DiTConfig, dit_preset
 from aligntok.models.layers import (
     RMSNorm,
     apply_rope,
@@ -18,7 +18,7 @@ from aligntok.models.layers import (
     swiglu_hidden,
     unpatchify,
 )
-from aligntok.recipes.dit import DIT_PRESETS, dit_preset
+from aligntok.train.dit import DiTTrainConfig, flow_matching_loss
 
 
 def tiny(**overrides) -> DiTConfig:
@@ -251,22 +251,26 @@ def test_meta_build_then_materialise_matches_eager():
 
 
 def test_tiny_dit_overfits_fixed_flow_matching_batch():
-    """4 latents 4x4x4, one shared time and no labels, so only the input tells the samples apart."""
+    """4 latents 4x4x4, one shared time and every label dropped, so only the input tells the samples apart;
+    the loss is the trainer's own (`flow_matching_loss`)."""
     torch.manual_seed(0)
     model = DiT(dit_preset("debug/1", in_channels=4, input_size=4, num_classes=4))
     g = torch.Generator().manual_seed(1)
     z0, eps = torch.randn(4, 4, 4, 4, generator=g), torch.randn(4, 4, 4, 4, generator=g)
     t = torch.full((4,), 0.5)
-    z_t, target = interpolate(z0, eps, t), velocity_target(z0, eps)  # (1 - t) z0 + t eps, eps - z0
+    null = torch.full((4,), 4)
+    noise = (torch.ones(4, dtype=torch.bool), t, eps)  # (label dropout mask, t, eps) as draw_step_noise gives
+    cfg = DiTTrainConfig(model="debug/1")
+    z_t = interpolate(z0, eps, t)  # (1 - t) z0 + t eps
     opt = torch.optim.Adam(model.parameters(), lr=1e-3)
     losses = []
     for _ in range(100):  # reaches ~1e-4 of the start on 2 CPU cores in about a second
-        loss = (model(z_t, t) - target).square().mean()
+        loss = flow_matching_loss(model, z0, torch.zeros(4, dtype=torch.long), noise, cfg, null_class=4)
         opt.zero_grad()
         loss.backward()
         opt.step()
         losses.append(loss.item())
     assert losses[-1] < 0.01 * losses[0]
     with torch.no_grad():
-        x0 = z_t - 0.5 * model(z_t, t)  # data prediction from the velocity
+        x0 = z_t - 0.5 * model(z_t, t, null)  # data prediction from the velocity
     assert (x0 - z0).square().mean() < 0.01 * z0.square().mean()

@@ -13,13 +13,15 @@ from aligntok import flow
 from aligntok import generate as generate_module
 from aligntok.config import apply_overrides
 from aligntok.data.latents import LatentCache, build_cache, same_latent_space
+from aligntok.exports import load_dit
 from aligntok.generate import generate
 from aligntok.models.tokenizer import Tokenizer
 from aligntok.recipes.dit import dit_train_recipe
 from aligntok.recipes.tokenizer import tokenizer_preset
+from aligntok.sampling import SampleConfig
 from aligntok.train import dit as dit_train
 from aligntok.train.common import EMA, read_log
-from aligntok.train.dit import SpikeGuard, load_dit, train_dit
+from aligntok.train.dit import SpikeGuard, train_dit
 
 
 @pytest.fixture(scope="module")
@@ -164,18 +166,27 @@ def test_spike_guard() -> None:
     assert not g.is_bad(1.1) and g.skips == 0 and g.total_skips == 2
 
 
+GUIDED3 = SampleConfig(steps=3, cfg_scale=2.0)
+
+
 def test_sample_writes_pngs_grid_npz_and_refuses_other_tokenizer(setup, tmp_path) -> None:
     export = train_dit(_cfg(steps=4, batch_size=8), latents=setup["cache"], out=tmp_path / "run")
-    out = generate(dit_dir=export, num=6, out=tmp_path / "samples", steps=3, cfg_scale=2.0, batch_size=4)
+    out = generate(dit_dir=export, num=6, out=tmp_path / "samples", sample=GUIDED3, batch_size=4)
     arr = np.load(out / "samples.npz")
     assert arr["arr_0"].dtype == np.uint8 and arr["arr_0"].shape == (6, 32, 32, 3)
     assert sorted(np.bincount(arr["labels"]).tolist()) == [3, 3]
     assert len(list((out / "images").glob("*.png"))) == 6 and (out / "grid.png").exists()
     # Each batch draws its noise from (seed, batch index): rerunning reproduces the images exactly.
-    again = generate(dit_dir=export, num=6, out=tmp_path / "again", steps=3, cfg_scale=2.0, batch_size=4)
+    again = generate(dit_dir=export, num=6, out=tmp_path / "again", sample=GUIDED3, batch_size=4)
     assert np.array_equal(np.load(again / "samples.npz")["arr_0"], arr["arr_0"])
     with pytest.raises(ValueError, match="another latent space"):
-        generate(dit_dir=export, num=2, out=tmp_path / "bad", steps=2, tokenizer_dir=setup["tok_b"])
+        generate(
+            dit_dir=export,
+            num=2,
+            out=tmp_path / "bad",
+            sample=SampleConfig(steps=2),
+            tokenizer_dir=setup["tok_b"],
+        )
     # Another decoder for the same latent space (a longer stage 3) is accepted, and decodes differently.
     refined = Tokenizer.from_pretrained(setup["tok_a"])
     with torch.no_grad():
@@ -185,17 +196,23 @@ def test_sample_writes_pngs_grid_npz_and_refuses_other_tokenizer(setup, tmp_path
         setup["tok_a"], setup["tok_b"]
     )
     other = generate(
-        dit_dir=export, num=6, out=tmp_path / "refined-samples", steps=3, cfg_scale=2.0, batch_size=4,
+        dit_dir=export, num=6, out=tmp_path / "refined-samples", sample=GUIDED3, batch_size=4,
         tokenizer_dir=refined_dir,
     )  # fmt: skip
     assert not np.array_equal(np.load(other / "samples.npz")["arr_0"], arr["arr_0"])
     with pytest.raises(ValueError, match="out of range"):
-        generate(dit_dir=export, num=2, out=tmp_path / "bad", steps=2, class_id=7)
+        generate(dit_dir=export, num=2, out=tmp_path / "bad", sample=SampleConfig(steps=2), class_id=7)
 
 
 def test_interrupted_sampling_resumes_from_its_finished_batches(setup, tmp_path, monkeypatch) -> None:
     export = train_dit(_cfg(steps=4, batch_size=8), latents=setup["cache"], out=tmp_path / "run")
-    kw = {"dit_dir": export, "num": 10, "steps": 2, "cfg_scale": 2.0, "batch_size": 3, "save_pngs": False}
+    kw = {
+        "dit_dir": export,
+        "num": 10,
+        "sample": SampleConfig(steps=2, cfg_scale=2.0),
+        "batch_size": 3,
+        "save_pngs": False,
+    }
     whole = np.load(generate(out=tmp_path / "whole", **kw) / "samples.npz")["arr_0"]  # 4 batches: 3+3+3+1
 
     class Interrupted(Exception):
@@ -223,5 +240,5 @@ def test_interrupted_sampling_resumes_from_its_finished_batches(setup, tmp_path,
     generate_module.write_json({"cfg": 2.0}, partial / "settings.json")
     np.save(partial / "batch-000000.npy", np.zeros((3, 32, 32, 3), np.uint8))
     calls["n"] = 0
-    generate(out=tmp_path / "cut", **kw | {"cfg_scale": 3.0})
+    generate(out=tmp_path / "cut", **kw | {"sample": SampleConfig(steps=2, cfg_scale=3.0)})
     assert calls["n"] == 4

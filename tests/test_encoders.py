@@ -15,8 +15,8 @@ from torch import nn
 
 from aligntok import assets
 from aligntok.config import from_dict, to_dict
-from aligntok.models.decoder import AttnBlock
 from aligntok.models.encoders import CNN_ARCH_DEFAULTS, ENCODERS, EncoderConfig, build_encoder
+from aligntok.models.layers import AttnBlock
 
 TINY = dict(
     hidden_size=32,
@@ -146,7 +146,7 @@ def test_bad_path_errors(tmp_path) -> None:
 
 @pytest.mark.parametrize(("block", "dim", "side"), [(4, 40, 8), (10, 112, 4), (15, 320, 2)])
 def test_efficientnet_shapes_at_64px(block: int, dim: int, side: int) -> None:
-    # DESIGN.md's measurements of the package model at 64 px input.
+    # docs/design.md's measurements of the package model at 64 px input.
     enc = build_encoder(EncoderConfig(block=block, pretrained=False))
     feats = enc(_images(2, 64))
     assert feats.shape == (2, dim, side, side) and enc.dim == dim

@@ -14,11 +14,12 @@ from PIL import Image
 from torch import nn
 
 from aligntok import assets
+from aligntok import evaluate as evaluate_module
 from aligntok.evaluate import evaluate, fid_floor
+from aligntok.files import to_uint8
 from aligntok.metrics import fid as F
-from aligntok.metrics import reconstruction
+from aligntok.metrics import inception, reference
 from aligntok.models.tokenizer import Tokenizer
-from aligntok.report import to_uint8
 from conftest import make_image_folder
 
 # ---------------------------------------------------------------------------------------------------------
@@ -64,7 +65,7 @@ def test_fid_matches_a_direct_scipy_computation_and_both_solvers_agree():
 
     expected = reference(x, y)
     assert expected > 0.1
-    fx, fy = F.Features(x), F.Features(y)
+    fx, fy = inception.Features(x), inception.Features(y)
     assert F.fid(fx, fy, method="eigh") == pytest.approx(expected, rel=1e-8)
     assert F.fid(fx, fy, method="sqrtm") == pytest.approx(expected, rel=1e-8)
     assert F.fid(fy, fx) == pytest.approx(F.fid(fx, fy), rel=1e-9)
@@ -104,9 +105,9 @@ def test_sqrtm_fallback_engages_on_singular_covariance(monkeypatch):
 
 def test_fid_rejects_mismatched_dimensions_and_unknown_method():
     a, b = F.Stats(np.zeros(3), np.eye(3)), F.Stats(np.zeros(4), np.eye(4))
-    with pytest.raises(F.FIDError, match="dimensions"):
+    with pytest.raises(inception.FIDError, match="dimensions"):
         F.fid_from_stats(a, b)
-    with pytest.raises(F.FIDError, match="method"):
+    with pytest.raises(inception.FIDError, match="method"):
         F.fid_from_stats(a, a, method="svd")
 
 
@@ -174,13 +175,13 @@ def test_precision_recall_identical_disjoint_and_half(monkeypatch):
 # ---------------------------------------------------------------------------------------------------------
 
 needs_inception = pytest.mark.skipif(
-    not assets.is_present(F.INCEPTION_ASSET), reason="run `aligntok assets fetch fid-inception`"
+    not assets.is_present(inception.INCEPTION_ASSET), reason="run `aligntok assets fetch fid-inception`"
 )
 
 
 def test_preprocess_is_the_tf_graph_input():
     x = torch.tensor([0.0, 128 / 255, 1.0]).view(1, 3, 1, 1).expand(1, 3, 4, 4)
-    y = F.InceptionFeatures.preprocess(x)
+    y = inception.InceptionFeatures.preprocess(x)
     assert y.shape == (1, 3, 299, 299)
     torch.testing.assert_close(y[0, :, 100, 100], torch.tensor([-1.0, 0.0, 0.9921875]))
 
@@ -200,17 +201,17 @@ def test_features_do_not_depend_on_batch_size_or_input_form(one_thread):
     g = torch.Generator().manual_seed(0)
     u8 = (torch.rand(6, 3, 8, 8, generator=g) * 255).round().to(torch.uint8)  # (B, 3, H, W)
     u8 = torch.nn.functional.interpolate(u8.float(), size=32, mode="bilinear").round().to(torch.uint8)
-    model = F.InceptionFeatures.from_assets(device="cpu")
+    model = inception.InceptionFeatures.from_assets(device="cpu")
     kw = {"model": model, "progress": False}
-    f6 = F.extract_features(u8.float() / 255, batch_size=6, **kw)  # float tensor
-    f1 = F.extract_features(u8.permute(0, 2, 3, 1).numpy(), batch_size=1, **kw)  # uint8 NHWC array
-    f2 = F.extract_features([{"image": u8[i : i + 2]} for i in range(0, 6, 2)], **kw)  # batches
+    f6 = inception.extract_features(u8.float() / 255, batch_size=6, **kw)  # float tensor
+    f1 = inception.extract_features(u8.permute(0, 2, 3, 1).numpy(), batch_size=1, **kw)  # uint8 NHWC array
+    f2 = inception.extract_features([{"image": u8[i : i + 2]} for i in range(0, 6, 2)], **kw)  # batches
     assert f6.pool.shape == (6, 2048) and f6.logits is None
     assert np.ptp(f6.pool, axis=0).max() > 0.1  # the images give different features
     np.testing.assert_allclose(f1.pool, f6.pool, atol=1e-5)
     np.testing.assert_allclose(f2.pool, f6.pool, atol=1e-5)
     # FID against a fixed, different reference does not move either.
-    ref = F.Features(f6.pool + 0.05 * np.random.default_rng(0).normal(size=f6.pool.shape))
+    ref = inception.Features(f6.pool + 0.05 * np.random.default_rng(0).normal(size=f6.pool.shape))
     fids = [F.fid(f, ref) for f in (f1, f2, f6)]
     assert fids[0] > 1.0
     assert fids == pytest.approx([fids[2]] * 3, rel=1e-5)
@@ -237,8 +238,8 @@ class _CountingNet(nn.Module):
         return self.proj(torch.nn.functional.adaptive_avg_pool2d(x, 4).flatten(1))
 
 
-def _stub(sha: str = "stub-1") -> F.InceptionFeatures:
-    return F.InceptionFeatures(_CountingNet(), sha256=sha)
+def _stub(sha: str = "stub-1") -> inception.InceptionFeatures:
+    return inception.InceptionFeatures(_CountingNet(), sha256=sha)
 
 
 def _write_images(folder, n: int, size: int, *, seed: int) -> None:
@@ -260,8 +261,8 @@ def stub_network(tmp_path, monkeypatch):
         state["models"].append(model)
         return model
 
-    monkeypatch.setattr(F.InceptionFeatures, "from_assets", classmethod(from_assets))
-    monkeypatch.setattr(F, "inception_sha256", lambda: state["sha"])
+    monkeypatch.setattr(inception.InceptionFeatures, "from_assets", classmethod(from_assets))
+    monkeypatch.setattr(reference, "inception_sha256", lambda: state["sha"])
     return state
 
 
@@ -269,21 +270,21 @@ def test_reference_cache_is_reused_and_keyed_by_the_inception_hash(tmp_path, stu
     folder = tmp_path / "ref"
     _write_images(folder, 5, 8, seed=0)
     seen = lambda: sum(m.net.seen for m in stub_network["models"])  # noqa: E731
-    a = F.reference_features(folder, resolution=8, progress=False)
+    a = reference.reference_features(folder, resolution=8, progress=False)
     assert len(a) == 5 and seen() == 5
-    b = F.reference_features(folder, resolution=8, progress=False)
+    b = reference.reference_features(folder, resolution=8, progress=False)
     assert seen() == 5  # second call: from the cache, the network did not run
     np.testing.assert_allclose(a.pool, b.pool, rtol=1e-6)  # cached as float32
-    assert len(list(F.cache_dir().glob("*.npz"))) == 1
+    assert len(list(reference.cache_dir().glob("*.npz"))) == 1
     stub_network["sha"] = "hash-b"  # a changed network file
-    F.reference_features(folder, resolution=8, progress=False)
+    reference.reference_features(folder, resolution=8, progress=False)
     assert seen() == 10
-    F.reference_features(folder, resolution=8, num=3, progress=False)  # another key: a subset
+    reference.reference_features(folder, resolution=8, num=3, progress=False)  # another key: a subset
     assert seen() == 13
     _write_images(tmp_path / "ref" / "part0", 1, 8, seed=1)  # the folder changed
-    F.reference_features(folder, resolution=8, progress=False)
+    reference.reference_features(folder, resolution=8, progress=False)
     assert seen() == 19
-    assert len(list(F.cache_dir().glob("*.npz"))) == 4
+    assert len(list(reference.cache_dir().glob("*.npz"))) == 4
 
 
 def test_adm_npz_references(tmp_path, stub_network):
@@ -294,35 +295,35 @@ def test_adm_npz_references(tmp_path, stub_network):
     np.savez(tmp_path / "images_only.npz", arr_0=images)
     np.savez(tmp_path / "both.npz", mu=s.mu, sigma=s.sigma, arr_0=images)
 
-    ref = F.load_reference(tmp_path / "stats_only.npz", progress=False)
+    ref = reference.load_reference(tmp_path / "stats_only.npz", progress=False)
     assert ref.features is None and ref.image_size is None
     np.testing.assert_array_equal(ref.stats.mu, s.mu)
 
-    ref = F.load_reference(tmp_path / "images_only.npz", progress=False)
+    ref = reference.load_reference(tmp_path / "images_only.npz", progress=False)
     assert ref.stats is None and len(ref.features) == 6 and ref.image_size == (16, 16)
-    direct = F.extract_features(images, model=_stub(), progress=False)
+    direct = inception.extract_features(images, model=_stub(), progress=False)
     np.testing.assert_allclose(ref.features.pool, direct.pool, rtol=1e-6)
 
-    ref = F.load_reference(tmp_path / "both.npz", progress=False)
+    ref = reference.load_reference(tmp_path / "both.npz", progress=False)
     np.testing.assert_array_equal(ref.stats.sigma, s.sigma)
     np.testing.assert_allclose(ref.features.pool, direct.pool, rtol=1e-6)
 
     np.savez(tmp_path / "bad.npz", x=np.zeros(3))
-    with pytest.raises(F.FIDError, match="neither mu/sigma nor arr_0"):
-        F.load_reference(tmp_path / "bad.npz")
-    with pytest.raises(F.FIDError, match="resolution"):
-        F.load_reference("emoji")
+    with pytest.raises(inception.FIDError, match="neither mu/sigma nor arr_0"):
+        reference.load_reference(tmp_path / "bad.npz")
+    with pytest.raises(inception.FIDError, match="resolution"):
+        reference.load_reference("emoji")
 
 
 def test_float_images_are_quantised_like_saved_samples():
     x = torch.rand(3, 3, 8, 8, generator=torch.Generator().manual_seed(0))
     model = _stub()
-    from_float = F.extract_features(x, model=model, progress=False)
+    from_float = inception.extract_features(x, model=model, progress=False)
     saved = (x * 255).round().to(torch.uint8).permute(0, 2, 3, 1).numpy()  # as a PNG would hold them
-    from_u8 = F.extract_features(saved, model=model, progress=False)
+    from_u8 = inception.extract_features(saved, model=model, progress=False)
     np.testing.assert_array_equal(from_float.pool, from_u8.pool)
-    with pytest.raises(F.FIDError, match="uint8"):
-        F.extract_features(np.zeros((2, 8, 8, 3), np.float32), model=model, progress=False)
+    with pytest.raises(inception.FIDError, match="uint8"):
+        inception.extract_features(np.zeros((2, 8, 8, 3), np.float32), model=model, progress=False)
 
 
 def test_evaluate_folder_and_npz(tmp_path, stub_network, capsys):
@@ -342,7 +343,8 @@ def test_evaluate_folder_and_npz(tmp_path, stub_network, capsys):
 
     arr = np.stack([np.asarray(Image.open(p)) for p in sorted((tmp_path / "samples").rglob("*.png"))])
     np.savez(tmp_path / "samples.npz", arr_0=arr)
-    F.stats_from_features(F.extract_features(arr, model=_stub(), progress=False)).save(tmp_path / "st.npz")
+    stats = F.stats_from_features(inception.extract_features(arr, model=_stub(), progress=False))
+    stats.save(tmp_path / "st.npz")
     out = tmp_path / "m.json"
     result = evaluate(tmp_path / "samples.npz", str(tmp_path / "st.npz"), num=5, out=out, progress=False)
     assert out.is_file() and result["num_samples"] == 5
@@ -350,7 +352,7 @@ def test_evaluate_folder_and_npz(tmp_path, stub_network, capsys):
         result["kid"] is None and result["precision"] is None and result["ref_fid_stats"] == "stored mu/sigma"
     )
     assert result["fid"] > 0  # first 5 samples vs the stats of all 8
-    with pytest.raises(F.FIDError, match="--num"):
+    with pytest.raises(inception.FIDError, match="--num"):
         evaluate(tmp_path / "samples.npz", str(tmp_path / "st.npz"), num=9, out=out, progress=False)
 
 
@@ -365,7 +367,7 @@ def test_evaluate_reads_a_sample_run_through_its_npz(tmp_path, stub_network):
     result = evaluate(run, str(tmp_path / "ref"), progress=False)
     assert result["samples"].endswith("samples.npz") and result["sample_sizes"] == {"8x8": 6}
     assert (run / "metrics.json").is_file()
-    with pytest.raises(F.FIDError, match="does not exist"):
+    with pytest.raises(inception.FIDError, match="does not exist"):
         evaluate(tmp_path / "missing", str(tmp_path / "ref"), progress=False)
 
 
@@ -389,5 +391,5 @@ def test_reconstruction_floor_is_the_floor_of_the_same_images_through_the_tokeni
         for batch in torch.utils.data.DataLoader(images, batch_size=4):
             yield batch["image"], to_uint8(batch["image"])
 
-    monkeypatch.setattr(reconstruction, "reconstructed", perfect)
+    monkeypatch.setattr(evaluate_module, "reconstructed", perfect)
     assert fid_floor(data, **kw, tokenizer_dir=debug_tokenizer)["fid"] == pytest.approx(real["fid"], abs=1e-6)

@@ -120,7 +120,7 @@ def test_lightningdit_shift_is_our_inverse_shift() -> None:
 
 
 def test_resolution_shift_matches_mean_uncertainty() -> None:
-    # SD3 §5.3.2: the std of a constant image's estimate from n positions, t / ((1 - t) sqrt(n)), is kept.
+    # SD3 sec. 5.3.2: the std of a constant image's estimate from n positions, t / ((1 - t) sqrt(n)), is kept.
     n, m = 256, 1024
     s = flow.resolution_shift(m, n)
     assert s == pytest.approx(2.0)

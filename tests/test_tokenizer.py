@@ -49,7 +49,7 @@ def images(cfg: TokenizerConfig, n: int = 2, seed: int = 0) -> torch.Tensor:
 def test_paper_decoder_has_about_42m_parameters():
     cfg = tokenizer_preset("paper")
     with torch.device("meta"):
-        decoder = Decoder(cfg.decoder, latent_size=16)
+        decoder = Decoder(cfg.decoder, latent_size=16, latent_channels=cfg.latent_channels)
     n = sum(p.numel() for p in decoder.parameters())
     assert 40e6 <= n <= 45e6, n
     assert decoder.output_size == 256 and decoder.last_layer is decoder.conv_out.weight
@@ -191,7 +191,7 @@ def test_export_of_a_folder_encoder_is_self_contained(tmp_path, family):
         encoder=EncoderConfig(name=family, path=str(folder)),
         adapter_hidden=16,
         latent_channels=4,
-        decoder=DecoderConfig(z_channels=4, ch=32, ch_mult=(1, 1, 1), num_res_blocks=1),
+        decoder=DecoderConfig(ch=32, ch_mult=(1, 1, 1), num_res_blocks=1),
     )
     tok = Tokenizer(cfg).eval()
     assert tok.encoder.input_size == 32 and list(tok.encoder.mean) == PREPROCESSOR["image_mean"]
@@ -280,15 +280,15 @@ def test_config_validation():
     bad_dec = dataclasses.replace(cfg.decoder, ch_mult=(1, 2, 2))  # x4 from 4x4 gives 16 px, not 32
     with pytest.raises(ValueError, match=r"4x4 grid at image_size=32.*x4 to 16 px.*use 4 decoder\.ch_mult"):
         Tokenizer(dataclasses.replace(cfg, decoder=bad_dec))
-    with pytest.raises(ValueError, match=r"z_channels=8 must equal latent_channels=4"):
-        Tokenizer(apply_overrides(cfg, ["decoder.z_channels=8"]))
-    # One field at a time, as `--set` applies them, passes through an inconsistent config.
-    both = apply_overrides(cfg, ["decoder.z_channels=8", "latent_channels=8", "decoder.ch_mult=[1,2,2,2]"])
-    assert Tokenizer(both).latent_shape == (8, 4, 4)
+    # The decoder's input width is latent_channels: one field, no second copy to keep equal.
+    with pytest.raises(ValueError, match=r"DecoderConfig has no field 'z_channels'"):
+        apply_overrides(cfg, ["decoder.z_channels=8"])
+    tok = Tokenizer(apply_overrides(cfg, ["latent_channels=8"]))
+    assert tok.latent_shape == (8, 4, 4) and tok.decoder.conv_in.in_channels == 8
     with pytest.raises(ValueError, match=r"adapter_act='tanh'"):
         dataclasses.replace(cfg, adapter_act="tanh")
     with pytest.raises(ValueError, match=r"multiples of 32"):
-        DecoderConfig(z_channels=4, ch=48, ch_mult=(1,), num_res_blocks=1)
+        DecoderConfig(ch=48, ch_mult=(1,), num_res_blocks=1)
     tok = Tokenizer(cfg)
     with pytest.raises(ValueError, match=r"\(B, 3, 32, 32\).*got \(1, 3, 64, 64\)"):
         tok.encode(torch.rand(1, 3, 64, 64))
@@ -413,6 +413,24 @@ def test_exports_without_a_posterior_field_load_as_deterministic(tmp_path):
     (tmp_path / "config.json").write_text(json.dumps(doc))
     loaded = Tokenizer.from_pretrained(tmp_path)
     assert loaded.config.posterior == "deterministic" and loaded.adapter.fc2.out_features == 4
+
+
+def test_exports_with_decoder_z_channels_load_when_it_equals_latent_channels(tmp_path):
+    tok = Tokenizer(small_config("debug")).eval()
+    tok.save_pretrained(tmp_path)
+    doc = json.loads((tmp_path / "config.json").read_text())
+    assert "z_channels" not in doc["config"]["decoder"]
+    doc["config"]["decoder"]["z_channels"] = 4  # exports written when the decoder had its own copy
+    (tmp_path / "config.json").write_text(json.dumps(doc))
+    loaded = Tokenizer.from_pretrained(tmp_path).eval()
+    x = images(loaded.config)
+    with torch.no_grad():
+        assert torch.equal(loaded(x)[0], tok(x)[0])
+    assert loaded.export_config() == tok.export_config()
+    doc["config"]["decoder"]["z_channels"] = 8
+    (tmp_path / "config.json").write_text(json.dumps(doc))
+    with pytest.raises(ValueError, match=r"decoder\.z_channels=8 differs from latent_channels=4"):
+        Tokenizer.from_pretrained(tmp_path)
 
 
 def test_gaussian_tokenizer_gradients_reach_encoder_adapter_decoder():

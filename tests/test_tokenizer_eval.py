@@ -15,13 +15,12 @@ from PIL import Image
 from aligntok.models.encoders import EncoderConfig
 from aligntok.models.tokenizer import Tokenizer
 from aligntok.recipes.tokenizer import tokenizer_preset
+from aligntok.score import SCORE_BUDGETS, score_tokenizer
 from aligntok.tokenizer_eval import (
-    SCORE_BUDGETS,
     evaluate_tokenizer,
     format_table,
     reference_encoder,
     reference_encoder_config,
-    score_tokenizer,
 )
 
 COLOURS = {"red": (220, 40, 40), "green": (40, 200, 60), "blue": (40, 60, 220)}

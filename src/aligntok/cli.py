@@ -64,7 +64,7 @@ def _tokenizer_eval(args: argparse.Namespace) -> None:
 
 
 def _tokenizer_score(args: argparse.Namespace) -> None:
-    from aligntok.tokenizer_eval import score_tokenizer
+    from aligntok.score import score_tokenizer
 
     score_tokenizer(args.tokenizer, args.data, out=args.out, budget=args.budget, seed=args.seed)
 
@@ -108,21 +108,25 @@ def _dit_train(args: argparse.Namespace) -> None:
 
 def _sample(args: argparse.Namespace) -> None:
     from aligntok.generate import generate
+    from aligntok.sampling import SampleConfig
 
+    sample = SampleConfig(
+        steps=args.steps,
+        sampler=args.sampler,
+        cfg_scale=args.cfg,
+        interval=tuple(args.interval),
+        shift=args.shift,
+        seed=args.seed,
+        bf16=args.bf16,
+    )
     generate(
         dit_dir=args.dit,
         num=args.num,
         out=args.out,
-        steps=args.steps,
-        cfg_scale=args.cfg,
-        interval=tuple(args.interval),
+        sample=sample,
         class_id=args.class_id,
         tokenizer_dir=args.tokenizer,
-        sampler=args.sampler,
-        shift=args.shift,
-        seed=args.seed,
         batch_size=args.batch_size,
-        bf16=args.bf16,
         guide_dir=args.guide,
     )
 

@@ -63,7 +63,14 @@ def _coerce(value: Any, tp: Any) -> Any:
 
 
 def from_dict(cls: type[T], data: dict[str, Any]) -> T:
-    """Build a dataclass from a mapping, strictly: unknown keys are errors."""
+    """Build a dataclass from a mapping, strictly: unknown keys are errors.
+
+    A config class may define `migrate(data) -> data` (a staticmethod) that rewrites the keys of files
+    written by older versions; it runs before the check.
+    """
+    migrate = getattr(cls, "migrate", None)
+    if callable(migrate):
+        data = migrate(data)
     hints = typing.get_type_hints(cls)
     names = {f.name for f in dataclasses.fields(cls)}
     unknown = set(data) - names

@@ -12,17 +12,25 @@ from __future__ import annotations
 
 import json
 import shlex
-import shutil
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
-import numpy as np
-
-from aligntok import distributed
-from aligntok.report import cached_json, write_json
+from aligntok import assets, distributed
+from aligntok.config import apply_overrides
+from aligntok.data import DATASETS, fetch_dataset
+from aligntok.data.latents import build_cache
+from aligntok.demo_report import write_report
+from aligntok.evaluate import fid_floor, generation_fid
+from aligntok.files import cached_json, write_json
+from aligntok.recipes.dit import dit_train_recipe
+from aligntok.recipes.tokenizer import tokenizer_train_recipe
+from aligntok.sampling import SampleConfig
+from aligntok.tokenizer_eval import tokenizer_metrics
+from aligntok.train.dit import train_dit
+from aligntok.train.tokenizer import train_tokenizer
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -45,6 +53,16 @@ class DemoPreset:
     cfg_interval: tuple[float, float] = (0.0, 0.9)  # LightningDiT's interval: no guidance near t = 0
     per_class: int = 12  # images per class in the report's grids
     bf16: bool = True  # autocast for the DiT, the latent cache and the Inception (docs/metrics.md)
+
+    def sample(self, cfg_scale: float) -> SampleConfig:
+        """The sampling settings of the demo's samples at guidance `cfg_scale` (1: unguided)."""
+        interval = self.cfg_interval if cfg_scale != 1.0 else (0.0, 1.0)
+        return SampleConfig(steps=self.sample_steps, cfg_scale=cfg_scale, interval=interval, bf16=self.bf16)
+
+    @property
+    def guidance(self) -> dict[str, float]:
+        """Sample-set name -> guidance scale: the unguided set and the guided one."""
+        return {"cfg1": 1.0, f"cfg{self.cfg_scale:g}": self.cfg_scale}
 
 
 PRESETS: dict[str, DemoPreset] = {
@@ -90,28 +108,27 @@ def _overrides(p: DemoPreset) -> tuple[list[str], list[str]]:
     return tok, dit
 
 
-def _commands(p: DemoPreset, out: Path) -> list[str]:
+def commands(p: DemoPreset, out: Path) -> list[str]:
+    """The CLI commands that reproduce the demo's steps one by one (shown in the report)."""
     tok_set, dit_set = _overrides(p)
-    q = shlex.quote
-    sets = lambda items: " ".join(f"--set {q(s)}" for s in items)  # noqa: E731
+    sets = lambda items: " ".join(f"--set {shlex.quote(s)}" for s in items)  # noqa: E731
     bf16 = " --bf16" if p.bf16 else ""
-    interval = " ".join(str(t) for t in p.cfg_interval)
-    sample = f"aligntok sample --dit {out}/dit/export --num {p.num_samples} --steps {p.sample_steps}{bf16}"
-    ref = f" --ref {p.data}"
-    return [
+    tok = f"{out}/tokenizer/export"
+    lines = [
         "aligntok assets fetch all",
         f"aligntok data fetch {p.data}",
         f"aligntok tokenizer train --recipe {p.tokenizer_recipe} --out {out}/tokenizer {sets(tok_set)}",
-        f"aligntok tokenizer eval --tokenizer {out}/tokenizer/export --data {p.data} "
-        f"--num {p.eval_num}{bf16}",
-        f"aligntok latents cache --tokenizer {out}/tokenizer/export --data {p.data} "
-        f"--out {out}/latents --flip{bf16}",
+        f"aligntok tokenizer eval --tokenizer {tok} --data {p.data} --num {p.eval_num}{bf16}",
+        f"aligntok latents cache --tokenizer {tok} --data {p.data} --out {out}/latents --flip{bf16}",
         f"aligntok dit train --recipe {p.dit_recipe} --latents {out}/latents --out {out}/dit {sets(dit_set)}",
-        f"{sample} --out {out}/samples/cfg1",
-        f"{sample} --cfg {p.cfg_scale} --interval {interval} --out {out}/samples/cfg{p.cfg_scale:g}",
-        f"aligntok eval --samples {out}/samples/cfg1{ref}{bf16}",
-        f"aligntok eval --samples {out}/samples/cfg{p.cfg_scale:g}{ref}{bf16}",
     ]
+    for name, scale in p.guidance.items():
+        flags = " ".join(p.sample(scale).cli_args())
+        lines.append(
+            f"aligntok sample --dit {out}/dit/export --num {p.num_samples} {flags} --out {out}/samples/{name}"
+        )
+    lines += [f"aligntok eval --samples {out}/samples/{name} --ref {p.data}{bf16}" for name in p.guidance]
+    return lines
 
 
 class _Steps:
@@ -133,37 +150,18 @@ class _Steps:
 
 def run_demo(preset: str = "quick", out: str | Path = "runs/demo") -> Path:
     """Run the demo `preset` into `out` (resuming what is there); returns the report's index.html."""
-    from aligntok import assets
-    from aligntok.config import apply_overrides
-    from aligntok.data import DATASETS, fetch_dataset
-    from aligntok.data.latents import build_cache
-    from aligntok.evaluate import fid_floor, generation_fid
-    from aligntok.recipes.dit import dit_train_recipe
-    from aligntok.recipes.tokenizer import tokenizer_train_recipe
-    from aligntok.tokenizer_eval import tokenizer_metrics
-    from aligntok.train.dit import train_dit
-    from aligntok.train.tokenizer import train_tokenizer
-
     if preset not in PRESETS:
         raise ValueError(f"unknown demo preset {preset!r}; choose one of {sorted(PRESETS)}")
     p = PRESETS[preset]
     out = Path(out)
     report = out / "report"
-    settings = {"preset": preset, **asdict(p)}
-    _check_same_preset(out / "demo.json", settings)
+    _check_same_preset(out / "demo.json", {"preset": preset, **asdict(p)})
     steps = _Steps(8, report / "timings.json")
     tok_set, dit_set = _overrides(p)
     tok_cfg = apply_overrides(tokenizer_train_recipe(p.tokenizer_recipe), tok_set)
     dit_cfg = apply_overrides(dit_train_recipe(p.dit_recipe), dit_set)
 
-    def fetch() -> None:
-        # The encoder, the FID network, LPIPS VGG (the metric) and AlexNet (the emoji recipes' loss).
-        for name in ("efficientnet-lite0", "fid-inception", "lpips-vgg16", "lpips-alexnet"):
-            assets.fetch(name)
-        if p.data in DATASETS:  # an image folder needs no fetching
-            fetch_dataset(p.data)
-
-    steps.run("assets and data", fetch)
+    steps.run("assets and data", lambda: _fetch(p))
     tok = steps.run(
         "tokenizer: three alignment stages",
         lambda: train_tokenizer(tok_cfg, out=out / "tokenizer", resume=True),
@@ -179,49 +177,38 @@ def run_demo(preset: str = "quick", out: str | Path = "runs/demo") -> Path:
     dit = steps.run(
         "class-conditional DiT", lambda: train_dit(dit_cfg, latents=cache, out=out / "dit", resume=True)
     )
-    guidance = {"cfg1": 1.0, f"cfg{p.cfg_scale:g}": p.cfg_scale}
 
     def sample_and_score() -> dict[str, Any]:
+        kw = {"data": p.data, "num": p.num_samples, "ref_num": p.ref_num}
         return {
-            name: generation_fid(
-                dit,
-                data=p.data,
-                out=out / "samples" / name,
-                num=p.num_samples,
-                steps=p.sample_steps,
-                cfg_scale=scale,
-                interval=p.cfg_interval if scale != 1.0 else (0.0, 1.0),
-                ref_num=p.ref_num,
-                bf16=p.bf16,
-            )
-            for name, scale in guidance.items()
+            name: generation_fid(dit, out=out / "samples" / name, sample=p.sample(scale), **kw)
+            for name, scale in p.guidance.items()
         }
 
     gfid = steps.run("samples of every class, gFID", sample_and_score)
     resolution = tok_cfg.model.image_size
+    floor_kw = {"num": p.num_samples, "resolution": resolution, "ref_num": p.ref_num, "bf16": p.bf16}
     floor = steps.run(
         "real-vs-real FID floor",
-        lambda: cached_json(
-            report / "fid_floor.json",
-            lambda: fid_floor(
-                p.data, num=p.num_samples, resolution=resolution, ref_num=p.ref_num, bf16=p.bf16
-            ),
-        ),
+        lambda: cached_json(report / "fid_floor.json", lambda: fid_floor(p.data, **floor_kw)),
     )
+    results = {"tokenizer_metrics": tok_metrics, "gfid": gfid, "floor": floor, "timings": steps.times}
+    shape = {"num_samples": p.num_samples, "eval_num": p.eval_num, "per_class": p.per_class}
+    title = f"aligntok demo ({preset}): {p.data}, {p.tokenizer_recipe} tokenizer"
     index = steps.run(
-        "report",
-        lambda: write_report(
-            out,
-            preset=p,
-            name=preset,
-            tokenizer_metrics=tok_metrics,
-            gfid=gfid,
-            floor=floor,
-            timings=steps.times,
-        ),
+        "report", lambda: write_report(out, title=title, commands=commands(p, out), **shape, **results)
     )
     distributed.print0(f"demo done in {sum(steps.times.values()) / 60:.1f} min of work; report at {index}")
     return index
+
+
+def _fetch(p: DemoPreset) -> None:
+    """The encoder, the FID network, LPIPS VGG (the metric) and AlexNet (the emoji recipes' loss), and the
+    dataset where it is a named one (an image folder needs no fetching)."""
+    for name in ("efficientnet-lite0", "fid-inception", "lpips-vgg16", "lpips-alexnet"):
+        assets.fetch(name)
+    if p.data in DATASETS:
+        fetch_dataset(p.data)
 
 
 def _check_same_preset(path: Path, settings: dict[str, Any]) -> None:
@@ -236,181 +223,3 @@ def _check_same_preset(path: Path, settings: dict[str, Any]) -> None:
             )
         return
     write_json(settings, path)
-
-
-# ---------------------------------------------------------------------------------------------------------
-# The report
-
-
-def _class_rows(npz: Path, classes: list[str], per_class: int, folder: Path, prefix: str) -> list[str]:
-    """One PNG per class (its first `per_class` samples in a row); returns the file names."""
-    from aligntok.report import make_grid, save_image
-
-    with np.load(npz) as f:
-        images, labels = f["arr_0"], f["labels"]
-    names = []
-    for k in range(len(classes)):
-        chosen = images[labels == k][:per_class]
-        name = f"{prefix}-class{k}.png"
-        save_image(make_grid(chosen, nrow=per_class), folder / name, scale=2)
-        names.append(name)
-    return names
-
-
-def _curves(out: Path, report: Path) -> dict[str, str]:
-    """Loss and validation curves of both trainers, as PNGs under `report`; name -> file name."""
-    from aligntok.report import plot_curves
-    from aligntok.train.common import read_log
-
-    loss: dict[str, list[tuple[float, float]]] = {}
-    psnr: dict[str, list[tuple[float, float]]] = {}
-    boundaries: dict[str, float] = {}
-    offset = 0
-    for stage_dir in sorted((out / "tokenizer").glob("stage-*")):
-        rows = read_log(stage_dir / "log.jsonl")
-        stage = stage_dir.name.removeprefix("stage-")
-        loss[f"stage {stage}"] = [(offset + r["step"], r["loss"]) for r in rows if "loss" in r]
-        psnr[f"stage {stage}"] = [(offset + r["step"], r["val_psnr"]) for r in rows if "val_psnr" in r]
-        last = max((r["step"] for r in rows), default=0)
-        if offset:
-            boundaries[f"stage {stage}"] = offset
-        offset += last
-    dit_rows = read_log(out / "dit" / "log.jsonl")
-    files = {
-        "tokenizer loss": plot_curves(
-            loss,
-            report / "tokenizer-loss.png",
-            title="tokenizer training loss",
-            xlabel="step",
-            ylabel="loss",
-            vlines=boundaries,
-        ),
-        "tokenizer val PSNR": plot_curves(
-            psnr,
-            report / "tokenizer-psnr.png",
-            title="reconstruction PSNR, fixed val batch (EMA weights)",
-            xlabel="step",
-            ylabel="PSNR (dB)",
-            vlines=boundaries,
-        ),
-        "DiT loss": plot_curves(
-            {"flow-matching loss": [(r["step"], r["loss"]) for r in dit_rows if "loss" in r]},
-            report / "dit-loss.png",
-            title="DiT training loss",
-            xlabel="step",
-            ylabel="velocity MSE",
-        ),
-    }
-    return {name: path.name for name, path in files.items()}
-
-
-def write_report(
-    out: Path,
-    *,
-    preset: DemoPreset,
-    name: str,
-    tokenizer_metrics: dict[str, Any],
-    gfid: dict[str, dict[str, Any]],
-    floor: dict[str, Any],
-    timings: dict[str, float],
-) -> Path:
-    """`out/report/index.html` (+ metrics.json and PNGs beside it) from the finished run under `out`."""
-    from aligntok.report import Raw, html_page, html_table
-
-    report = out / "report"
-    report.mkdir(parents=True, exist_ok=True)
-    meta = json.loads((out / "latents" / "meta.json").read_text())
-    classes = meta["classes"]
-    metrics = {
-        "tokenizer": {
-            k: tokenizer_metrics.get(k)
-            for k in ("psnr", "ssim", "lpips", "rfid", "probe_balanced", "knn_balanced", "cknna")
-        },
-        "gfid": {k: v["fid"] for k, v in gfid.items()},
-        "fid_floor": floor["fid"],
-        "num_samples": preset.num_samples,
-        "num_ref": floor["num_ref"],
-        "timings_s": timings,
-    }
-    write_json(metrics, report / "metrics.json")
-
-    def fmt(v: Any) -> str:
-        return f"{v:.3f}" if isinstance(v, float) else str(v)
-
-    tm = metrics["tokenizer"]
-    metric_rows = [
-        [
-            "reconstruction PSNR (dB)",
-            fmt(tm["psnr"]),
-            f"val split, {tokenizer_metrics.get('num_images', preset.eval_num)} images",
-        ],
-        ["SSIM", fmt(tm["ssim"]), ""],
-        ["LPIPS", fmt(tm["lpips"]), "VGG16 LPIPS v0.1"],
-        ["rFID", fmt(tm["rfid"]), "reconstructions vs originals"],
-        ["linear probe on latents (class-balanced acc.)", fmt(tm["probe_balanced"]), "train -> val"],
-        ["k-NN on latents (class-balanced acc.)", fmt(tm["knn_balanced"]), ""],
-        ["CKNNA latent vs frozen encoder", fmt(tm["cknna"]), "alignment with the foundation encoder"],
-    ]
-
-    def guidance(g: dict[str, Any], *, interval: bool = False) -> str:
-        if g["cfg"] == 1.0:
-            return "no guidance"
-        return f"guidance {g['cfg']:g}" + (f" on t in {g['interval']}" if interval else "")
-
-    for key, value in metrics["gfid"].items():
-        g = gfid[key]
-        how = guidance(g, interval=True)
-        metric_rows.append(
-            [f"gFID, {how}", fmt(value), f"{g['num_samples']} samples vs {g['num_ref']} training images"]
-        )
-    metric_rows.append(
-        [
-            "real-vs-real FID floor",
-            fmt(floor["fid"]),
-            f"{floor['num']} real {floor['split']} images vs the same reference",
-        ]
-    )
-
-    recon_rows = []
-    for stage_dir in sorted((out / "tokenizer").glob("stage-*")):
-        pngs = sorted(stage_dir.glob("recon-*.png"))
-        if pngs:
-            target = f"recon-{stage_dir.name}.png"
-            shutil.copyfile(pngs[-1], report / target)
-            recon_rows.append([f"after {stage_dir.name.replace('-', ' ')}", Raw(f"<img src='{target}'>")])
-
-    sample_cols = {
-        key: _class_rows(
-            out / "samples" / key / "samples.npz", classes, preset.per_class, report, f"samples-{key}"
-        )
-        for key in gfid
-    }
-    headers = ["class"] + [guidance(gfid[k]) for k in gfid]
-    sample_rows = [
-        [c] + [Raw(f"<img src='{sample_cols[k][i]}'>") for k in gfid] for i, c in enumerate(classes)
-    ]
-
-    curves = _curves(out, report)
-    commands = "\n".join(_commands(preset, out))
-    minutes = sum(timings.values()) / 60
-    sections = [
-        ("Metrics", html_table(["metric", "value", "how"], metric_rows)),
-        (
-            "Reconstructions after each stage",
-            "<p>Top row: originals; bottom row: reconstructions (fixed val batch).</p>"
-            + html_table(["stage", "originals / reconstructions"], recon_rows),
-        ),
-        ("Samples of every class", html_table(headers, sample_rows)),
-        ("Curves", "".join(f"<p><img src='{f}' alt='{n}'></p>" for n, f in curves.items())),
-        (
-            "Time",
-            html_table(["step", "seconds"], [[k, f"{v:.0f}"] for k, v in timings.items()])
-            + f"<p>{minutes:.1f} minutes of work in all.</p>",
-        ),
-        ("Commands to reproduce", f"<pre>{commands}</pre>"),
-    ]
-    index = report / "index.html"
-    index.write_text(
-        html_page(f"aligntok demo ({name}): {preset.data}, {preset.tokenizer_recipe} tokenizer", sections)
-    )
-    return index

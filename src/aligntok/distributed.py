@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import contextlib
 import os
-from collections.abc import Iterator
 from dataclasses import dataclass
 
 import torch
@@ -97,13 +96,3 @@ def autocast(enabled: bool, device_type: str | None = None) -> contextlib.Abstra
 def print0(*args, **kwargs) -> None:
     if world().is_main:
         print(*args, **kwargs, flush=True)
-
-
-@contextlib.contextmanager
-def main_first() -> Iterator[None]:
-    """Rank 0 runs the block first (e.g. to fill a cache); the others wait, then run it."""
-    if not world().is_main:
-        barrier()
-    yield
-    if world().is_main:
-        barrier()

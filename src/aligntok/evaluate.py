@@ -17,10 +17,25 @@ from typing import Any
 import numpy as np
 import torch
 
+from aligntok.checkpoint import export_hash
+from aligntok.data import build_dataset
 from aligntok.data.folder import images_under
 from aligntok.data.images import load_image
-from aligntok.metrics import fid as F
-from aligntok.report import write_json
+from aligntok.exports import load_tokenizer
+from aligntok.files import write_json
+from aligntok.generate import generate
+from aligntok.metrics.fid import (
+    fid,
+    fid_from_stats,
+    inception_score,
+    kid,
+    precision_recall,
+    stats_from_features,
+)
+from aligntok.metrics.inception import INCEPTION_SIZE, Features, FIDError, InceptionFeatures, extract_features
+from aligntok.metrics.reconstruction import reconstructed
+from aligntok.metrics.reference import load_reference, npz_images, reference_features, reference_indices
+from aligntok.sampling import SampleConfig
 
 KID_SUBSETS = 100
 KID_SUBSET_SIZE = 1000
@@ -37,21 +52,21 @@ class _Samples:
         if path.is_dir():
             self.files = images_under(path)
             if not self.files:
-                raise F.FIDError(f"{path} holds no images; pass a folder of PNG/JPG files or an .npz")
+                raise FIDError(f"{path} holds no images; pass a folder of PNG/JPG files or an .npz")
             self.array = None
             total = len(self.files)
         elif path.suffix == ".npz" and path.is_file():
             self.files = []
-            self.array = F.npz_images(path)
+            self.array = npz_images(path)
             if self.array is None:
-                raise F.FIDError(f"{path} has no arr_0 images; samples must be an ADM-format .npz")
+                raise FIDError(f"{path} has no arr_0 images; samples must be an ADM-format .npz")
             total = len(self.array)
         elif not path.exists():
-            raise F.FIDError(f"samples {path} does not exist; pass a folder of images or an .npz")
+            raise FIDError(f"samples {path} does not exist; pass a folder of images or an .npz")
         else:
-            raise F.FIDError(f"samples {path} is neither a folder of images nor an .npz file")
+            raise FIDError(f"samples {path} is neither a folder of images nor an .npz file")
         if num is not None and not 1 <= num <= total:
-            raise F.FIDError(f"--num {num} but {path} holds {total} images; lower --num")
+            raise FIDError(f"--num {num} but {path} holds {total} images; lower --num")
         self.num = total if num is None else num
         self.sizes: dict[str, int] = {}
 
@@ -67,7 +82,7 @@ class _Samples:
             try:
                 img = np.asarray(load_image(file), dtype=np.uint8)
             except Exception as e:  # PIL raises many types on a broken file
-                raise F.FIDError(f"cannot read sample image {file} ({e}); remove or replace it") from None
+                raise FIDError(f"cannot read sample image {file} ({e}); remove or replace it") from None
             size = f"{img.shape[0]}x{img.shape[1]}"
             self.sizes[size] = self.sizes.get(size, 0) + 1
             if batch and (img.shape != batch[0].shape or len(batch) == batch_size):
@@ -93,6 +108,25 @@ def _fmt(value: Any) -> str:
     return str(value)
 
 
+def _table(result: dict[str, Any], sizes: dict[str, int], ref_name: str) -> str:
+    """The printed summary of `evaluate`: what was compared, then a markdown table of the metrics."""
+    ref = f"{ref_name} ({result['ref_size'] or 'stats'})"
+    lines = [
+        f"{result['num_samples']} samples ({', '.join(sizes)}) vs {ref}",
+        "| metric | value |",
+        "|---|---|",
+    ]
+    names = {
+        "FID": "fid",
+        "KID": "kid",
+        "IS": "inception_score",
+        "precision": "precision",
+        "recall": "recall",
+    }
+    lines += [f"| {name} | {_fmt(result[key])} |" for name, key in names.items()]
+    return "\n".join(lines)
+
+
 def evaluate(
     samples: str | Path,
     ref: str,
@@ -116,13 +150,13 @@ def evaluate(
     t0 = time.time()
     samples = Path(samples).expanduser()
     src = _Samples(samples, num)
-    model = F.InceptionFeatures.from_assets(device=device)
+    model = InceptionFeatures.from_assets(device=device)
     kw: dict[str, Any] = {"batch_size": batch_size, "bf16": bf16, "progress": progress, "model": model}
     if ref_resolution is None:
         h, w = src.peek_size()
         ref_resolution = h if h == w else max(h, w)
-    reference = F.load_reference(ref, resolution=ref_resolution, split=ref_split, **kw)
-    fake = F.extract_features(src.batches(batch_size), **kw)
+    reference = load_reference(ref, resolution=ref_resolution, split=ref_split, **kw)
+    fake = extract_features(src.batches(batch_size), **kw)
 
     notes = []
     result: dict[str, Any] = {
@@ -133,21 +167,21 @@ def evaluate(
         "ref_num": len(reference.features) if reference.features is not None else reference.stats.num or None,
         "ref_size": f"{reference.image_size[0]}x{reference.image_size[1]}" if reference.image_size else None,
         "ref_fid_stats": "features" if reference.features is not None else "stored mu/sigma",
-        "compared_at": f"{F.INCEPTION_SIZE}x{F.INCEPTION_SIZE} (bilinear resize, align_corners=False)",
+        "compared_at": f"{INCEPTION_SIZE}x{INCEPTION_SIZE} (bilinear resize, align_corners=False)",
         "inception_sha256": model.sha256,
         "bf16": bf16,
     }
     if reference.features is not None:
-        result["fid"] = F.fid(fake, reference.features)
-        kid_mean, kid_std = F.kid(fake, reference.features, subsets=KID_SUBSETS, subset_size=KID_SUBSET_SIZE)
-        precision, recall = F.precision_recall(reference.features, fake, k=PR_K, device=device)
+        result["fid"] = fid(fake, reference.features)
+        kid_mean, kid_std = kid(fake, reference.features, subsets=KID_SUBSETS, subset_size=KID_SUBSET_SIZE)
+        precision, recall = precision_recall(reference.features, fake, k=PR_K, device=device)
         result.update(kid=kid_mean, kid_std=kid_std, precision=precision, recall=recall)
     else:
-        result["fid"] = F.fid_from_stats(F.stats_from_features(fake), reference.stats)
+        result["fid"] = fid_from_stats(stats_from_features(fake), reference.stats)
         result.update(kid=None, kid_std=None, precision=None, recall=None)
         notes.append("the reference has only mu/sigma: KID and precision/recall need its images")
     if fake.logits is not None:
-        is_mean, is_std = F.inception_score(fake)
+        is_mean, is_std = inception_score(fake)
         result.update(inception_score=is_mean, inception_score_std=is_std)
     else:
         result.update(inception_score=None, inception_score_std=None)
@@ -157,22 +191,9 @@ def evaluate(
 
     default_dir = src.path if src.path.is_dir() else src.path.parent
     out_path = Path(out) if out is not None else default_dir / "metrics.json"
-    out_path.parent.mkdir(parents=True, exist_ok=True)
-    out_path.write_text(json.dumps(result, indent=2) + "\n")
+    write_json(result, out_path)
 
-    rows = [
-        ("FID", result["fid"]),
-        ("KID", result["kid"]),
-        ("IS", result["inception_score"]),
-        ("precision", result["precision"]),
-        ("recall", result["recall"]),
-    ]
-    print(
-        f"{len(fake)} samples ({', '.join(src.sizes)}) vs {reference.name} ({result['ref_size'] or 'stats'})"
-    )
-    print("| metric | value |\n|---|---|")
-    for name, value in rows:
-        print(f"| {name} | {_fmt(value)} |")
+    print(_table(result, src.sizes, reference.name))
     print(f"metrics written to {out_path}")
     return result
 
@@ -194,29 +215,25 @@ def generation_fid(
     data: str | Path,
     out: str | Path,
     num: int,
-    steps: int = 30,
-    cfg_scale: float = 1.0,
-    interval: tuple[float, float] = (0.0, 1.0),
-    seed: int = 0,
+    sample: SampleConfig | None = None,
     ref_num: int | None = None,
     tokenizer_dir: str | Path | None = None,
-    bf16: bool = False,
     save_pngs: bool = False,
 ) -> dict[str, Any]:
-    """gFID of `num` class-balanced samples of a DiT against the training images of `data`.
+    """gFID of `num` class-balanced samples of a DiT, drawn with `sample`, against the training images of
+    `data`.
 
     The reference is the whole train split or `ref_num` of it (a seeded subset); its features are cached.
     Samples go to `out` (`samples.npz`, `grid.png`, `sampling.json`) and the result to `out/fid.json`; a
     rerun with the same settings and the same DiT weights (by export hash) reuses both, so interrupted
-    studies resume. `bf16` is the Inception's autocast (docs/metrics.md: it moved FID by 0.14% on emoji)
-    and the DiT's.
+    studies resume. `sample.bf16` is the DiT's autocast and the Inception's (docs/metrics.md: it moved FID
+    by 0.14% on emoji).
     """
-    from aligntok.checkpoint import export_hash
-    from aligntok.generate import generate
-
+    sample = sample or SampleConfig()
     out = Path(out)
-    wanted = {"num": num, "steps": steps, "cfg": cfg_scale, "interval": list(interval), "seed": seed}
-    wanted |= {"dit": str(Path(dit_dir).resolve()), "dit_hash": export_hash(dit_dir)}
+    settings = sample.record()
+    bf16 = settings.pop("bf16")  # recorded under its own key below, as before SampleConfig
+    wanted = {"num": num, **settings, "dit": str(Path(dit_dir).resolve()), "dit_hash": export_hash(dit_dir)}
     if tokenizer_dir is not None:  # another decoder than the DiT's own: samples of the default never stand in
         wanted["tokenizer"] = str(Path(tokenizer_dir).resolve())
     result_path = out / "fid.json"
@@ -228,23 +245,14 @@ def generation_fid(
     else:
         result_path.unlink(missing_ok=True)
         generate(
-            dit_dir=dit_dir,
-            num=num,
-            out=out,
-            steps=steps,
-            cfg_scale=cfg_scale,
-            interval=interval,
-            tokenizer_dir=tokenizer_dir,
-            seed=seed,
-            bf16=bf16,
-            save_pngs=save_pngs,
+            dit_dir=dit_dir, num=num, out=out, sample=sample, tokenizer_dir=tokenizer_dir, save_pngs=save_pngs
         )
-    images = F.npz_images(out / "samples.npz")
-    model = F.InceptionFeatures.from_assets()
-    fake = F.extract_features(images, bf16=bf16, model=model)
+    images = npz_images(out / "samples.npz")
+    model = InceptionFeatures.from_assets()
+    fake = extract_features(images, bf16=bf16, model=model)
     ref = _training_reference(data, resolution=images.shape[1], ref_num=ref_num, bf16=bf16, model=model)
     result = {
-        "fid": float(F.fid_from_stats(F.stats_from_features(ref), F.stats_from_features(fake))),
+        "fid": float(fid_from_stats(stats_from_features(ref), stats_from_features(fake))),
         "num_samples": len(fake),
         "num_ref": len(ref.pool),
         "ref_num_asked": ref_num,
@@ -256,11 +264,11 @@ def generation_fid(
 
 
 def _training_reference(
-    data: str | Path, *, resolution: int, ref_num: int | None, bf16: bool, model: F.InceptionFeatures
-) -> F.Features:
+    data: str | Path, *, resolution: int, ref_num: int | None, bf16: bool, model: InceptionFeatures
+) -> Features:
     """The gFID reference: the train split, or `ref_num` of it (seed 0). One place, so that the floor is
     measured against exactly the reference the samples are."""
-    return F.reference_features(
+    return reference_features(
         data, split="train", resolution=resolution, num=ref_num, seed=0, bf16=bf16, model=model
     )
 
@@ -285,17 +293,15 @@ def fid_floor(
     images. What a gFID has above it is the DiT's; what this has above the real-vs-real floor is the
     decoder's, which no DiT training removes.
     """
-    from aligntok.data import build_dataset
-
     split = "val" if len(build_dataset(data, split="val", resolution=resolution)) >= num else "train"
-    model = F.InceptionFeatures.from_assets()
+    model = InceptionFeatures.from_assets()
     kw: dict[str, Any] = {"resolution": resolution, "bf16": bf16, "model": model}
     if tokenizer_dir is None:
-        real = F.reference_features(data, split=split, num=num, seed=1, **kw)
+        real = reference_features(data, split=split, num=num, seed=1, **kw)
     else:
         real = _reconstruction_features(tokenizer_dir, data, split=split, num=num, seed=1, **kw)
     ref = _training_reference(data, ref_num=ref_num, **kw)
-    fid = F.fid_from_stats(F.stats_from_features(ref), F.stats_from_features(real))
+    fid = fid_from_stats(stats_from_features(ref), stats_from_features(real))
     result = {"fid": float(fid), "num": len(real.pool), "split": split, "num_ref": len(ref.pool)}
     return result | ({"tokenizer": str(Path(tokenizer_dir).resolve())} if tokenizer_dir is not None else {})
 
@@ -309,14 +315,10 @@ def _reconstruction_features(
     seed: int,
     resolution: int,
     bf16: bool,
-    model: F.InceptionFeatures,
-) -> F.Features:
-    """Inception features of the tokenizer's reconstructions of the images `F.reference_features` would
+    model: InceptionFeatures,
+) -> Features:
+    """Inception features of the tokenizer's reconstructions of the images `reference_features` would
     read for (data, split, num, seed)."""
-    from aligntok.data import build_dataset
-    from aligntok.metrics.reconstruction import reconstructed
-    from aligntok.tokenizer_eval import load_tokenizer
-
     tokenizer = load_tokenizer(tokenizer_dir)
     if tokenizer.config.image_size != resolution:
         raise ValueError(
@@ -325,6 +327,6 @@ def _reconstruction_features(
         )
     ds = build_dataset(data, split=split, resolution=resolution)
     if num < len(ds):
-        ds = torch.utils.data.Subset(ds, F.reference_indices(len(ds), num, seed=seed))
+        ds = torch.utils.data.Subset(ds, reference_indices(len(ds), num, seed=seed))
     recons = (saved for _, saved in reconstructed(tokenizer, ds, bf16=bf16))
-    return F.extract_features(recons, bf16=bf16, model=model)
+    return extract_features(recons, bf16=bf16, model=model)

@@ -1,6 +1,6 @@
 """Flow matching: the one home of the path, its target, time sampling, time shift and conversions.
 
-Convention (DESIGN.md §5, PAPER.md): noise at t = 1, data at t = 0,
+Convention (docs/design.md section 5, docs/method.md): noise at t = 1, data at t = 0,
 
     z_t = (1 - t) z_0 + t eps,    eps ~ N(0, I),    v = dz_t/dt = eps - z_0,
 
@@ -90,7 +90,7 @@ def sample_t(
 ) -> Tensor:
     """Training times, shape (n,), float32 in [0, 1].
 
-    "logit_normal": t = sigmoid(mean + std * N(0, 1)) (Esser et al. 2024, SD3 §3.1); with noise at t = 1,
+    "logit_normal": t = sigmoid(mean + std * N(0, 1)) (Esser et al. 2024, SD3 sec. 3.1); with noise at t = 1,
     mean > 0 puts more weight near noise. "uniform": t ~ U(0, 1). `generator` must live on `device`.
     """
     if kind == "logit_normal":
@@ -104,7 +104,7 @@ def sample_t(
 
 
 def shift_time(t: Tensor, shift: float) -> Tensor:
-    """Time shift t' = s t / (1 + (s - 1) t) (Esser et al. 2024, SD3 §5.3.2).
+    """Time shift t' = s t / (1 + (s - 1) t) (Esser et al. 2024, SD3 section 5.3.2).
 
     Fixes 0 and 1, is monotone, and adds log(s) to logit(t), i.e. divides the signal-to-noise ratio
     ((1 - t) / t)^2 by s^2. With noise at t = 1, s > 1 moves times toward noise: a uniform sampler grid
@@ -120,7 +120,7 @@ def shift_time(t: Tensor, shift: float) -> Tensor:
 
 
 def resolution_shift(tokens: int, base_tokens: int) -> float:
-    """Resolution-dependent shift s = sqrt(tokens / base_tokens) (SD3 §5.3.2).
+    """Resolution-dependent shift s = sqrt(tokens / base_tokens) (SD3 section 5.3.2).
 
     Going from `base_tokens` latent positions (the resolution the schedule was tuned at) to `tokens`,
     shift_time(t, s) keeps the noise level at which a per-image mean can be recovered unchanged: the

@@ -1,5 +1,5 @@
-"""Tokenizer losses (PAPER.md, "Losses"): LPIPS, hinge GAN with the adaptive weight, semantic preservation,
-the KL of the Gaussian baselines, and VA-VAE's vision-foundation alignment loss.
+"""Tokenizer losses (docs/method.md, "Losses"): LPIPS, hinge GAN with the adaptive weight, semantic
+preservation, the KL of the Gaussian baselines, and VA-VAE's vision-foundation alignment loss.
 
 Conventions: images are in [0, 1] (B, 3, H, W); latents are (B, C, h, w); every loss returns a scalar
 tensor. The L1 term is one line in the training loop and has no helper here.
@@ -15,6 +15,7 @@ from torch import Tensor, nn
 
 from aligntok import distributed
 from aligntok.models.encoders import Encoder
+from aligntok.models.lpips import LPIPS
 
 
 class PerceptualLoss(nn.Module):
@@ -25,8 +26,6 @@ class PerceptualLoss(nn.Module):
 
     def __init__(self, net: Literal["vgg", "alex"] = "vgg") -> None:
         super().__init__()
-        from aligntok.models.lpips import LPIPS
-
         self.lpips = LPIPS.from_assets(net)
 
     def train(self, mode: bool = True) -> PerceptualLoss:
@@ -70,7 +69,7 @@ def adaptive_gan_weight(
 
 
 def semantic_preservation_loss(z: Tensor, z_ref: Tensor, *, kind: Literal["l2", "cosine"] = "l2") -> Tensor:
-    """L_sp of stage 2 (PAPER.md): distance of the latent z (after the adapter) to the frozen stage-1
+    """L_sp of stage 2 (docs/method.md): distance of the latent z (after the adapter) to the frozen stage-1
     tokenizer's latent z_ref, both (B, C, h, w).
 
     "l2": mean squared error over all elements (the paper's L2). "cosine": mean over the B*h*w tokens of

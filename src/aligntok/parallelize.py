@@ -1,8 +1,8 @@
 """Data parallelism for the training loops: DDP or FSDP2, activation checkpointing, torch.compile.
 
-Model files know nothing of this (DESIGN.md section 2); `parallelize` applies it from outside, as torchtitan
-does: activation checkpointing per block, then `torch.compile` per block, then FSDP2 `fully_shard` per
-block and finally on the root.
+Model files know nothing of this (docs/design.md section 2); `parallelize` applies it from outside, as
+torchtitan does: activation checkpointing per block, then `torch.compile` per block, then FSDP2
+`fully_shard` per block and finally on the root.
 
 - Blocks are the items of a model's outermost `nn.ModuleList`s (`DiT.blocks`, `Decoder.up`, an encoder's
   block or layer list): the repeated units that are checkpointed, compiled and sharded one at a time.

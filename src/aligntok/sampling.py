@@ -11,7 +11,8 @@ from __future__ import annotations
 
 import itertools
 from collections.abc import Callable, Mapping, Sequence
-from typing import Any
+from dataclasses import dataclass
+from typing import Any, Literal
 
 import torch
 from torch import Tensor
@@ -159,7 +160,7 @@ def cfg_velocity(
     """Classifier-free guidance as a velocity function: v = v_u + w (v_c - v_u) on all channels.
 
     cond and uncond are evaluated in ONE batched model call (cond first, then null), and guidance applies
-    only where t_lo <= t <= t_hi (Kynkäänniemi et al. 2024); elsewhere the result is the conditional
+    only where t_lo <= t <= t_hi (Kynkaanniemi et al. 2024); elsewhere the result is the conditional
     velocity and the call is made on the conditional half alone. scale = 1 is exactly the conditional model.
     `null_cond` is a tensor broadcastable to `cond` (e.g. the null class index) or a Python number filled
     in; for tuple/dict conditions, the same structure. LightningDiT's `cfg_interval_start` r (data at t = 1)
@@ -212,7 +213,8 @@ def balanced_labels(
     """Class labels (num,) for sampling: each class num // num_classes or one more times, shuffled.
 
     Which classes get the extra label is random too. Class-balanced labels move FID by about 0.1 against
-    i.i.d. labels (PAPER.md, evaluation pitfalls), so evaluations use these. `generator` is a CPU generator.
+    i.i.d. labels (docs/method.md, evaluation pitfalls), so evaluations use these. `generator` is a CPU
+    generator.
     """
     if num < 0 or num_classes < 1:
         raise ValueError(f"balanced_labels: need num >= 0 and num_classes >= 1, got {num}, {num_classes}")
@@ -224,3 +226,56 @@ def balanced_labels(
         ]
     )
     return labels[torch.randperm(num, generator=generator)].to(device)
+
+
+SAMPLERS: dict[str, Callable[..., Tensor]] = {"euler": euler, "heun": heun, "sde": euler_maruyama}
+
+
+@dataclass(frozen=True, kw_only=True)
+class SampleConfig:
+    """How images are drawn from a trained DiT: the ONE set of sampling settings that the CLI, `generate`,
+    `generation_fid`, the demo and the benchmarks pass around whole.
+
+    `steps` integration steps on `flow.timesteps(steps, shift=shift)` (shift > 1 puts more steps near the
+    noise), with the `sampler` of `SAMPLERS`; `cfg_scale` is the guidance scale (1 = none), active for t in
+    `interval`; `seed` fixes the noise; `bf16` runs the DiT (and, in `generation_fid`, the Inception) under
+    bf16 autocast.
+    """
+
+    steps: int = 30
+    sampler: Literal["euler", "heun", "sde"] = "euler"
+    cfg_scale: float = 1.0
+    interval: tuple[float, float] = (0.0, 1.0)
+    shift: float = 1.0
+    seed: int = 0
+    bf16: bool = False
+
+    def __post_init__(self) -> None:
+        if self.steps < 1:
+            raise ValueError(f"sampling steps must be >= 1, got {self.steps}")
+        if self.sampler not in SAMPLERS:
+            raise ValueError(f"unknown sampler {self.sampler!r}; choose one of {sorted(SAMPLERS)}")
+        if not self.cfg_scale >= 0:
+            raise ValueError(f"guidance scale must be >= 0, got {self.cfg_scale}")
+        if not self.shift > 0:
+            raise ValueError(f"timestep shift must be > 0, got {self.shift}")
+        object.__setattr__(self, "interval", _check_interval(self.interval))
+
+    def cli_args(self) -> list[str]:
+        """These settings as `aligntok sample` flags."""
+        lo, hi = self.interval
+        args = [f"--steps {self.steps}", f"--sampler {self.sampler}", f"--cfg {self.cfg_scale:g}"]
+        args += [f"--interval {lo:g} {hi:g}", f"--shift {self.shift:g}", f"--seed {self.seed}"]
+        return args + (["--bf16"] if self.bf16 else [])
+
+    def record(self) -> dict[str, Any]:
+        """The settings as they are recorded beside samples (sampling.json, fid.json)."""
+        return {
+            "steps": self.steps,
+            "cfg": self.cfg_scale,
+            "interval": list(self.interval),
+            "sampler": self.sampler,
+            "shift": self.shift,
+            "seed": self.seed,
+            "bf16": self.bf16,
+        }

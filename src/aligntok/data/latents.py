@@ -30,8 +30,10 @@ from tqdm.auto import tqdm
 from aligntok import distributed
 from aligntok.assets import atomic_file
 from aligntok.checkpoint import export_hash
+from aligntok.data import build_dataset
 from aligntok.data.shards import ShardDataset
-from aligntok.report import write_json
+from aligntok.files import write_json
+from aligntok.models.tokenizer import Tokenizer
 
 META = "meta.json"
 
@@ -54,9 +56,6 @@ def build_cache(
     bf16: bool = False,
 ) -> Path:
     """Encode `data` with the tokenizer exported at `tokenizer_dir` into a latent cache at `out`."""
-    from aligntok.data import build_dataset
-    from aligntok.models.tokenizer import Tokenizer
-
     out = Path(out)
     world = distributed.init()
     tok_hash = export_hash(tokenizer_dir)
@@ -239,7 +238,7 @@ class LatentCache:
         return len(self.meta["classes"])
 
     def normalize(self, z: torch.Tensor) -> torch.Tensor:
-        """Latents (B, C, h, w) standardised per channel with the cache's statistics (PAPER.md,
+        """Latents (B, C, h, w) standardised per channel with the cache's statistics (docs/method.md,
         'Diffusion model')."""
         return (z - self.mean.view(1, -1, 1, 1)) / self.std.view(1, -1, 1, 1)
 

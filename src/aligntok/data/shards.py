@@ -38,7 +38,7 @@ from tqdm.auto import tqdm
 from aligntok.assets import atomic_file
 from aligntok.data.folder import IMAGE_SUFFIXES, ImageFolderDataset
 from aligntok.data.images import center_crop_adm, check_resolution, check_split, load_image, pil_to_uint8
-from aligntok.report import write_json
+from aligntok.files import write_json
 
 META = "meta.json"
 FORMAT = "aligntok-shards-1"

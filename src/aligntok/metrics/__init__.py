@@ -1,2 +1,3 @@
-"""Metrics: generation quality (fid.py: Inception features, FID, KID, IS, precision/recall, cached reference
-statistics), reconstruction quality and semantic quality of tokenizers. See docs/metrics.md."""
+"""Metrics: generation quality (inception.py: the Inception network and its features; fid.py: FID, KID, IS,
+precision/recall; reference.py: cached reference features), reconstruction quality and semantic quality of
+tokenizers. See docs/metrics.md."""

@@ -1,8 +1,9 @@
 """Reconstruction quality of a tokenizer: PSNR, SSIM, LPIPS and rFID on a dataset's images.
 
-PAPER.md, "Evaluation protocol": rFID on the validation set (AlignTok: rFID 0.26, PSNR 25.8 on ImageNet 256).
+docs/method.md, "Evaluation protocol": rFID on the validation set (AlignTok: rFID 0.26, PSNR 25.8 on
+ImageNet 256).
 Reconstructions are measured as they would be saved: clamped to [0, 1] and rounded to uint8
-(`report.to_uint8`) before any metric, so the numbers are those of the PNGs a user would look at and
+(`files.to_uint8`) before any metric, so the numbers are those of the PNGs a user would look at and
 rFID sees the same kind of input as gFID. The originals come from 8-bit files and are exact in uint8.
 """
 
@@ -20,11 +21,11 @@ from torch.utils.data import DataLoader, Dataset, Subset
 from tqdm.auto import tqdm
 
 from aligntok import distributed
+from aligntok.files import to_uint8
 from aligntok.models.lpips import LPIPS
-from aligntok.report import to_uint8
 
 if TYPE_CHECKING:
-    from aligntok.metrics.fid import InceptionFeatures
+    from aligntok.metrics.inception import InceptionFeatures
     from aligntok.models.tokenizer import Tokenizer
 
 # Wang et al. 2004 ("Image quality assessment: from error visibility to structural similarity", sec. III-C):
@@ -109,10 +110,12 @@ def rfid(
 ) -> float:
     """FID between originals and reconstructions, both through the FID stack's Inception features.
 
-    Each argument is anything `metrics.fid.extract_features` takes: a (N, 3, H, W) tensor in [0, 1], a uint8
-    NHWC array, or an iterable of such batches. The Inception network is loaded once for both (or `model`).
+    Each argument is anything `metrics.inception.extract_features` takes: a (N, 3, H, W) tensor in [0, 1], a
+    uint8 NHWC array, or an iterable of such batches. The Inception network is loaded once for both (or
+    `model`).
     """
-    from aligntok.metrics.fid import InceptionFeatures, extract_features, fid_from_stats, stats_from_features
+    from aligntok.metrics.fid import fid_from_stats, stats_from_features
+    from aligntok.metrics.inception import InceptionFeatures, extract_features
 
     model = model if model is not None else InceptionFeatures.from_assets(device=device)
     kw: dict[str, Any] = {"batch_size": batch_size, "bf16": bf16, "progress": progress, "model": model}

@@ -1,9 +1,10 @@
 """Semantic measures of a representation: linear probe, k-NN accuracy, CKNNA alignment.
 
-PAPER.md, "Evaluation protocol": the linear-probe accuracy of the latents and their CKNNA to the foundation
-encoder are the paper's semantic measures (AlignTok d32: probe 35.1%, CKNNA 0.282 to DINOv2). The protocols
-here are fixed so that numbers compare across tokenizers and runs; docs/metrics.md ("Tokenizer metrics")
-states them in words. Every function takes features of shape (N, ...) and flattens them to (N, D).
+docs/method.md, "Evaluation protocol": the linear-probe accuracy of the latents and their CKNNA to the
+foundation encoder are the paper's semantic measures (AlignTok d32: probe 35.1%, CKNNA 0.282 to DINOv2).
+The protocols here are fixed so that numbers compare across tokenizers and runs; docs/metrics.md
+("Tokenizer metrics") states them in words. Every function takes features of shape (N, ...) and flattens
+them to (N, D).
 
 Accuracies come in two forms: plain accuracy, and class-balanced accuracy (the mean over classes of the
 per-class recall), because the datasets here are unbalanced: "People & Body" is about 60% of the emoji,

@@ -1,6 +1,6 @@
-"""CNN pixel decoder of the LDM AutoencoderKL / VA-VAE shape (PAPER.md, "Decoder D").
+"""CNN pixel decoder of the LDM AutoencoderKL / VA-VAE shape (docs/method.md, "Decoder D").
 
-Latent (B, z_channels, h, w) -> conv_in -> mid (ResnetBlock, self-attention, ResnetBlock) -> one up level
+Latent (B, latent_channels, h, w) -> conv_in -> mid (ResnetBlock, self-attention, ResnetBlock) -> one up level
 per entry of `ch_mult`, walked from the last (widest) to the first, each with `num_res_blocks + 1` residual
 blocks (+ attention where the feature map size is in `attn_resolutions`) and a nearest x2 upsample + conv
 between levels -> GroupNorm + SiLU + conv_out. The output lives on the [-1, 1] scale; mapping to [0, 1]
@@ -14,12 +14,17 @@ from dataclasses import dataclass
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from aligntok.models.layers import AttnBlock, ResnetBlock, group_norm
+
 
 @dataclass(kw_only=True)
 class DecoderConfig:
-    """Widths and depth of the decoder; `attn_resolutions` are feature-map sizes (e.g. 16 for 16x16)."""
+    """Widths and depth of the decoder; `attn_resolutions` are feature-map sizes (e.g. 16 for 16x16).
 
-    z_channels: int
+    The input width is not here: it is the tokenizer's `latent_channels`, passed to `Decoder` (configs written
+    before that carry it as `decoder.z_channels`; `TokenizerConfig.migrate` reads them).
+    """
+
     ch: int
     ch_mult: tuple[int, ...]
     num_res_blocks: int
@@ -32,10 +37,10 @@ class DecoderConfig:
         self.attn_resolutions = tuple(self.attn_resolutions)
         if not self.ch_mult or any(m < 1 for m in self.ch_mult):
             raise ValueError(f"decoder.ch_mult={self.ch_mult} must be a non-empty list of positive ints")
-        if self.ch < 1 or self.z_channels < 1 or self.out_channels < 1 or self.num_res_blocks < 0:
+        if self.ch < 1 or self.out_channels < 1 or self.num_res_blocks < 0:
             raise ValueError(
-                f"decoder sizes must be positive (ch={self.ch}, z_channels={self.z_channels}, "
-                f"out_channels={self.out_channels}, num_res_blocks={self.num_res_blocks})"
+                f"decoder sizes must be positive (ch={self.ch}, out_channels={self.out_channels}, "
+                f"num_res_blocks={self.num_res_blocks})"
             )
         bad = [self.ch * m for m in self.ch_mult if (self.ch * m) % 32]
         if bad:
@@ -47,45 +52,6 @@ class DecoderConfig:
     def upsample_factor(self) -> int:
         """Output size over latent size: one x2 upsample between consecutive levels."""
         return 2 ** (len(self.ch_mult) - 1)
-
-
-def group_norm(channels: int) -> nn.GroupNorm:
-    """GroupNorm(32) as in the LDM autoencoder; shared with the from-scratch CNN encoder (encoders.py)."""
-    return nn.GroupNorm(num_groups=32, num_channels=channels, eps=1e-6, affine=True)
-
-
-class ResnetBlock(nn.Module):
-    """Pre-activation residual block: (GroupNorm, SiLU, conv3x3) twice, 1x1 shortcut when widths differ."""
-
-    def __init__(self, in_ch: int, out_ch: int, dropout: float) -> None:
-        super().__init__()
-        self.norm1 = group_norm(in_ch)
-        self.conv1 = nn.Conv2d(in_ch, out_ch, 3, padding=1)
-        self.norm2 = group_norm(out_ch)
-        self.dropout = nn.Dropout(dropout)
-        self.conv2 = nn.Conv2d(out_ch, out_ch, 3, padding=1)
-        self.shortcut = nn.Conv2d(in_ch, out_ch, 1) if in_ch != out_ch else nn.Identity()
-
-    def forward(self, x: Tensor) -> Tensor:
-        h = self.conv1(F.silu(self.norm1(x)))
-        h = self.conv2(self.dropout(F.silu(self.norm2(h))))
-        return self.shortcut(x) + h
-
-
-class AttnBlock(nn.Module):
-    """Single-head self-attention over the h*w positions of a feature map, with a residual connection."""
-
-    def __init__(self, channels: int) -> None:
-        super().__init__()
-        self.norm = group_norm(channels)
-        self.qkv = nn.Conv2d(channels, 3 * channels, 1)
-        self.proj = nn.Conv2d(channels, channels, 1)
-
-    def forward(self, x: Tensor) -> Tensor:
-        B, C, H, W = x.shape
-        qkv = self.qkv(self.norm(x)).reshape(B, 3, 1, C, H * W).transpose(-1, -2)  # (B, 3, 1, N, C)
-        out = F.scaled_dot_product_attention(qkv[:, 0], qkv[:, 1], qkv[:, 2])  # (B, 1, N, C)
-        return x + self.proj(out.transpose(-1, -2).reshape(B, C, H, W))
 
 
 class Upsample(nn.Module):
@@ -119,21 +85,24 @@ class UpLevel(nn.Module):
 
 
 class Decoder(nn.Module):
-    """Latent (B, z_channels, s, s) -> image (B, out_channels, s * f, s * f) on the [-1, 1] scale.
+    """Latent (B, latent_channels, s, s) -> image (B, out_channels, s * f, s * f) on the [-1, 1] scale.
 
     `latent_size` (s) fixes where attention goes: level sizes are s, 2s, 4s, ... from the bottom up, and a
     level gets attention when its size is listed in `cfg.attn_resolutions`. The network is convolutional,
     so other input sizes run too (with attention where it was placed at construction).
     """
 
-    def __init__(self, cfg: DecoderConfig, latent_size: int) -> None:
+    def __init__(self, cfg: DecoderConfig, latent_size: int, *, latent_channels: int) -> None:
         super().__init__()
-        if latent_size < 1:
-            raise ValueError(f"decoder latent_size={latent_size} must be positive")
+        if latent_size < 1 or latent_channels < 1:
+            raise ValueError(
+                f"decoder latent_size={latent_size} and latent_channels={latent_channels} must be positive"
+            )
         self.config = cfg
         self.latent_size = latent_size
+        self.latent_channels = latent_channels
         widths = [cfg.ch * m for m in cfg.ch_mult]
-        self.conv_in = nn.Conv2d(cfg.z_channels, widths[-1], 3, padding=1)
+        self.conv_in = nn.Conv2d(latent_channels, widths[-1], 3, padding=1)
         self.mid = nn.Sequential(
             ResnetBlock(widths[-1], widths[-1], cfg.dropout),
             AttnBlock(widths[-1]),

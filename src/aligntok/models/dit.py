@@ -14,7 +14,9 @@ non-persistent buffers, recomputed, never saved).
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 from torch import Tensor, nn
@@ -38,7 +40,7 @@ from aligntok.models.layers import (
 
 @dataclass(kw_only=True)
 class DiTConfig:
-    """Shape and flags of a DiT; size presets live in aligntok.recipes.dit."""
+    """Shape and flags of a DiT; `dit_preset` builds one from a named size."""
 
     in_channels: int  # latent channels C
     input_size: int  # latent grid side h = w
@@ -93,6 +95,57 @@ class DiTConfig:
     def grid_size(self) -> int:
         """Tokens per side, input_size / patch_size."""
         return self.input_size // self.patch_size
+
+
+# size -> (hidden_size, depth, num_heads); DiT table 1 (Peebles & Xie 2023), used unchanged by LightningDiT.
+DIT_PRESETS: dict[str, dict[str, int]] = {
+    "debug": {"hidden_size": 64, "depth": 2, "num_heads": 4},
+    # Not a published size: the CPU-sized model of our small-data recipes (emoji, Fashion-MNIST).
+    "T": {"hidden_size": 256, "depth": 4, "num_heads": 4},
+    "S": {"hidden_size": 384, "depth": 12, "num_heads": 6},
+    "B": {"hidden_size": 768, "depth": 12, "num_heads": 12},
+    "L": {"hidden_size": 1024, "depth": 24, "num_heads": 16},
+    "XL": {"hidden_size": 1152, "depth": 28, "num_heads": 16},
+}
+
+
+def dit_preset(
+    name: str,
+    *,
+    in_channels: int,
+    input_size: int,
+    num_classes: int,
+    patch_size: int | None = None,
+    **overrides: Any,
+) -> DiTConfig:
+    """DiTConfig for a preset such as "XL/1" (or "XL" with `patch_size`), on a latent of `in_channels`
+    channels and an `input_size` grid; `overrides` set any other DiTConfig field (e.g. qk_norm=True)."""
+    size, sep, patch_text = name.partition("/")
+    if size not in DIT_PRESETS:
+        raise ValueError(f"unknown DiT size {size!r} in {name!r}; known: {sorted(DIT_PRESETS)}")
+    if sep:
+        if not patch_text.isdigit():
+            raise ValueError(f"DiT preset {name!r}: the part after '/' must be a patch size, e.g. 'XL/1'")
+        if patch_size is not None and patch_size != int(patch_text):
+            raise ValueError(f"DiT preset {name!r} conflicts with patch_size={patch_size}; give one of them")
+        patch_size = int(patch_text)
+    if patch_size is None:
+        raise ValueError(f"DiT preset {name!r} has no patch size; write e.g. '{size}/1' or pass patch_size=")
+    fields = {f.name for f in dataclasses.fields(DiTConfig)}
+    unknown = set(overrides) - fields
+    if unknown:
+        raise ValueError(
+            f"unknown DiTConfig field(s) {sorted(unknown)} for preset {name!r}; known: {sorted(fields)}"
+        )
+    kwargs: dict[str, Any] = {
+        **DIT_PRESETS[size],
+        "in_channels": in_channels,
+        "input_size": input_size,
+        "patch_size": patch_size,
+        "num_classes": num_classes,
+    }
+    kwargs.update(overrides)
+    return DiTConfig(**kwargs)
 
 
 class DiTBlock(nn.Module):

@@ -1,6 +1,7 @@
-"""Transformer building blocks shared by every model: norms, attention, RoPE, MLPs, adaLN, embedders.
+"""Building blocks shared by every model: norms, attention, RoPE, MLPs, adaLN, embedders (transformers), and
+the LDM autoencoder's convolutional blocks (GroupNorm, residual block, self-attention over a feature map).
 
-This module is the ONE home of these pieces (see DESIGN.md section 2); model files import from here.
+This module is the ONE home of these pieces (see docs/design.md section 2); model files import from here.
 Shape letters: B batch, N tokens, D width, H heads, K head dim, C channels, p patch size.
 """
 
@@ -270,3 +271,46 @@ def unpatchify(x: Tensor, patch_size: int, grid_h: int, grid_w: int) -> Tensor:
     c = f // (p * p)
     x = x.reshape(b, grid_h, grid_w, p, p, c)
     return x.permute(0, 5, 1, 3, 2, 4).reshape(b, c, grid_h * p, grid_w * p)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Convolutional blocks of the LDM autoencoder (the decoder and the from-scratch CNN encoder)
+
+
+def group_norm(channels: int) -> nn.GroupNorm:
+    """GroupNorm(32) as in the LDM autoencoder; shared by the decoder and the from-scratch CNN encoder."""
+    return nn.GroupNorm(num_groups=32, num_channels=channels, eps=1e-6, affine=True)
+
+
+class ResnetBlock(nn.Module):
+    """Pre-activation residual block: (GroupNorm, SiLU, conv3x3) twice, 1x1 shortcut when widths differ."""
+
+    def __init__(self, in_ch: int, out_ch: int, dropout: float) -> None:
+        super().__init__()
+        self.norm1 = group_norm(in_ch)
+        self.conv1 = nn.Conv2d(in_ch, out_ch, 3, padding=1)
+        self.norm2 = group_norm(out_ch)
+        self.dropout = nn.Dropout(dropout)
+        self.conv2 = nn.Conv2d(out_ch, out_ch, 3, padding=1)
+        self.shortcut = nn.Conv2d(in_ch, out_ch, 1) if in_ch != out_ch else nn.Identity()
+
+    def forward(self, x: Tensor) -> Tensor:
+        h = self.conv1(F.silu(self.norm1(x)))
+        h = self.conv2(self.dropout(F.silu(self.norm2(h))))
+        return self.shortcut(x) + h
+
+
+class AttnBlock(nn.Module):
+    """Single-head self-attention over the h*w positions of a feature map, with a residual connection."""
+
+    def __init__(self, channels: int) -> None:
+        super().__init__()
+        self.norm = group_norm(channels)
+        self.qkv = nn.Conv2d(channels, 3 * channels, 1)
+        self.proj = nn.Conv2d(channels, channels, 1)
+
+    def forward(self, x: Tensor) -> Tensor:
+        B, C, H, W = x.shape
+        qkv = self.qkv(self.norm(x)).reshape(B, 3, 1, C, H * W).transpose(-1, -2)  # (B, 3, 1, N, C)
+        out = F.scaled_dot_product_attention(qkv[:, 0], qkv[:, 1], qkv[:, 2])  # (B, 1, N, C)
+        return x + self.proj(out.transpose(-1, -2).reshape(B, C, H, W))

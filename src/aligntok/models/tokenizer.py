@@ -1,6 +1,6 @@
 """The AlignTok tokenizer: foundation encoder -> per-token MLP adapter -> latent z -> CNN decoder.
 
-PAPER.md "Tokenizer": z = A(E(x)) is deterministic (no KL, no sampling, no noise); the decoder of the
+docs/method.md "Tokenizer": z = A(E(x)) is deterministic (no KL, no sampling, no noise); the decoder of the
 LDM/VA-VAE shape maps z back to pixels. `posterior="gaussian"` is for the baselines (vanilla VAE, VA-VAE):
 the adapter then outputs a diagonal Gaussian's mean and log-variance, training samples from it, and
 `encode` gives the mean. The module also owns the per-channel latent statistics that the
@@ -40,7 +40,8 @@ class TokenizerConfig:
     latent_channels: int
     decoder: DecoderConfig
     adapter_act: str = "gelu"
-    # AlignTok's latent is deterministic (PAPER.md: a KL term hurt); "gaussian" serves the VAE baselines.
+    # AlignTok's latent is deterministic (docs/method.md: a KL term hurt); "gaussian" serves the VAE
+    # baselines.
     posterior: Literal["deterministic", "gaussian"] = "deterministic"
 
     def __post_init__(self) -> None:
@@ -55,6 +56,25 @@ class TokenizerConfig:
             raise ValueError(f"adapter_act={self.adapter_act!r} is not one of {sorted(_ACTIVATIONS)}")
         if self.posterior not in _POSTERIORS:
             raise ValueError(f"posterior={self.posterior!r} is not one of {list(_POSTERIORS)}")
+
+    @staticmethod
+    def migrate(data: dict[str, Any]) -> dict[str, Any]:
+        """A config mapping of an older file, brought up to date (`config.from_dict` calls this first).
+
+        Configs written before the decoder took its input width from `latent_channels` also hold it as
+        `decoder.z_channels`: the key is dropped when it agrees, and an error when it does not.
+        """
+        decoder = data.get("decoder")
+        if not isinstance(decoder, dict) or "z_channels" not in decoder:
+            return data
+        z_channels, latent_channels = decoder["z_channels"], data.get("latent_channels")
+        if z_channels != latent_channels:
+            raise ValueError(
+                f"decoder.z_channels={z_channels} differs from latent_channels={latent_channels}; the "
+                "decoder's input width is latent_channels (decoder.z_channels, a key of older configs, "
+                "must equal it or be removed)"
+            )
+        return {**data, "decoder": {k: v for k, v in decoder.items() if k != "z_channels"}}
 
 
 class Adapter(nn.Module):
@@ -76,11 +96,6 @@ class Tokenizer(nn.Module):
 
     def __init__(self, cfg: TokenizerConfig) -> None:
         super().__init__()
-        if cfg.decoder.z_channels != cfg.latent_channels:
-            raise ValueError(
-                f"decoder.z_channels={cfg.decoder.z_channels} must equal latent_channels="
-                f"{cfg.latent_channels}; set both to the same value"
-            )
         self.config = cfg
         self.encoder = build_encoder(cfg.encoder)
         grid = self.encoder.grid(cfg.image_size)
@@ -101,7 +116,7 @@ class Tokenizer(nn.Module):
         # A Gaussian posterior's adapter outputs (mean, logvar): 2C channels.
         out = cfg.latent_channels * (2 if cfg.posterior == "gaussian" else 1)
         self.adapter = Adapter(self.encoder.dim, cfg.adapter_hidden, out, cfg.adapter_act)
-        self.decoder = Decoder(cfg.decoder, latent_size=grid)
+        self.decoder = Decoder(cfg.decoder, latent_size=grid, latent_channels=cfg.latent_channels)
         self.register_buffer("latent_mean", torch.zeros(cfg.latent_channels))
         self.register_buffer("latent_std", torch.ones(cfg.latent_channels))
 
@@ -111,7 +126,7 @@ class Tokenizer(nn.Module):
         return (self.config.latent_channels, self.grid, self.grid)
 
     def param_groups(self) -> dict[str, list[nn.Parameter]]:
-        """Parameters by part, for per-stage freezing and optimizers (PAPER.md, the three stages).
+        """Parameters by part, for per-stage freezing and optimizers (docs/method.md, the three stages).
 
         The encoder group leaves out the parameters its features never use (later blocks, heads): they
         must stay frozen, or a DDP wrapper would wait for gradients that never come.

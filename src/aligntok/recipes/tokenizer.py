@@ -34,16 +34,15 @@ DINOV2_LARGE = {
 
 
 def paper() -> TokenizerConfig:
-    """PAPER.md: DINOv2-L/14 at 224 px -> 16x16 tokens, adapter 1024 -> 512 -> 32, VA-VAE f16d32 decoder."""
+    """docs/method.md: DINOv2-L/14 at 224 px -> 16x16 tokens, adapter 1024 -> 512 -> 32, VA-VAE f16d32
+    decoder."""
     return TokenizerConfig(
         image_size=256,
         encoder=EncoderConfig(name="dinov2", input_size=224, hf_config=dict(DINOV2_LARGE), pretrained=True),
         # UNKNOWN in the paper: a hidden width between the 1024-d tokens and the 32-d latent.
         adapter_hidden=512,
         latent_channels=32,
-        decoder=DecoderConfig(
-            z_channels=32, ch=128, ch_mult=(1, 1, 2, 2, 4), num_res_blocks=2, attn_resolutions=(16,)
-        ),
+        decoder=DecoderConfig(ch=128, ch_mult=(1, 1, 2, 2, 4), num_res_blocks=2, attn_resolutions=(16,)),
     )
 
 
@@ -53,28 +52,24 @@ def emoji() -> TokenizerConfig:
         image_size=64,
         encoder=EncoderConfig(name="efficientnet-lite0", block=10, input_size=128),
         adapter_hidden=256,
-        # 16 channels: 32 px used 8x8x8 (DESIGN.md); 4x the pixels at the same grid get 2x the channels.
+        # 16 channels: 32 px used 8x8x8 (docs/design.md); 4x the pixels at the same grid get 2x the channels.
         latent_channels=16,
         # Width halves as resolution doubles (256@8 .. 32@64 px): each level costs about the same. One
         # residual block per level (num_res_blocks=0) costs ~70% of two; the decoder is what a CPU step
         # spends most on (docs/training.md).
-        decoder=DecoderConfig(
-            z_channels=16, ch=32, ch_mult=(1, 2, 4, 8), num_res_blocks=0, attn_resolutions=(8,)
-        ),
+        decoder=DecoderConfig(ch=32, ch_mult=(1, 2, 4, 8), num_res_blocks=0, attn_resolutions=(8,)),
     )
 
 
 def small32() -> TokenizerConfig:
     """32 px images (Fashion-MNIST; emoji for `aligntok demo`): EfficientNet-Lite0 block 10 fed at 128 px ->
-    8x8x8, DESIGN.md's 32 px setup (frozen, that block reached 55% balanced probe accuracy on emoji)."""
+    8x8x8, docs/design.md's 32 px setup (frozen, that block reached 55% balanced probe accuracy on emoji)."""
     return TokenizerConfig(
         image_size=32,
         encoder=EncoderConfig(name="efficientnet-lite0", block=10, input_size=128),
         adapter_hidden=256,
         latent_channels=8,
-        decoder=DecoderConfig(
-            z_channels=8, ch=32, ch_mult=(1, 2, 4), num_res_blocks=1, attn_resolutions=(8,)
-        ),
+        decoder=DecoderConfig(ch=32, ch_mult=(1, 2, 4), num_res_blocks=1, attn_resolutions=(8,)),
     )
 
 
@@ -85,9 +80,7 @@ def debug() -> TokenizerConfig:
         encoder=EncoderConfig(name="efficientnet-lite0", block=4),
         adapter_hidden=32,
         latent_channels=4,
-        decoder=DecoderConfig(
-            z_channels=4, ch=32, ch_mult=(1, 1, 2, 2), num_res_blocks=1, attn_resolutions=(4,)
-        ),
+        decoder=DecoderConfig(ch=32, ch_mult=(1, 1, 2, 2), num_res_blocks=1, attn_resolutions=(4,)),
     )
 
 
@@ -109,7 +102,7 @@ def tokenizer_preset(name: str) -> TokenizerConfig:
 
 # ---------------------------------------------------------------------------------------------------------
 # Training recipes: a model preset + a budget + a variant. Variants are data: the AlignTok three stages, and
-# the baselines it is measured against (PAPER.md; issue "Three-stage alignment training", item 3).
+# the baselines it is measured against (docs/method.md; issue "Three-stage alignment training", item 3).
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -119,7 +112,7 @@ class Budget:
     batch_size: int
     stage_steps: tuple[int, int, int]
     lr: float
-    encoder_lr: float  # stage 2 fine-tunes the foundation encoder, gently (PAPER.md, stage 2)
+    encoder_lr: float  # stage 2 fine-tunes the foundation encoder, gently (docs/method.md, stage 2)
     gan_start: int  # stage-1 step at which the discriminator starts (later stages keep it on)
     gan_weight: float = 0.5  # base weight of the adaptive GAN term in every stage; 0: no discriminator
     ema_decay: float
@@ -132,7 +125,7 @@ class Budget:
 
 
 BUDGETS: dict[str, Budget] = {
-    # Our choice for GPU users (PAPER.md leaves lengths UNKNOWN): VA-VAE's budget of ~50 ImageNet epochs at
+    # Our choice for GPU users (docs/method.md: lengths UNKNOWN): VA-VAE's budget of ~50 ImageNet epochs at
     # batch 256 (~250K steps), split 2 : 2 : 1 over the stages. `data` must be set to an image folder.
     "paper": Budget(
         batch_size=256,
@@ -185,7 +178,7 @@ BUDGETS: dict[str, Budget] = {
 # the frozen reconstructions, it separates them in 200 steps: benchmarks/disc_probe.py), and the adaptive
 # term it drives cost every tokenizer measured reconstruction and gFID (the Fashion-MNIST VAE's val PSNR
 # fell from 21.8 dB at the GAN's start to 17.6 dB 100 steps later; the same 800 decoder-only steps gave it
-# 26.6 dB / rFID 34 without the GAN against 23.0 dB / 56 with it; docs/results.md, the decoder test).
+# 26.6 dB / rFID 34 without the GAN against 23.0 dB / 56 with it; docs/results.md, "Why the GAN went").
 BUDGETS["emoji32"] = dataclasses.replace(BUDGETS["emoji"], batch_size=32, lr=6e-4, gan_weight=0.0)
 BUDGETS["fashion"] = dataclasses.replace(BUDGETS["emoji32"], data="fashion-mnist")
 
@@ -260,7 +253,7 @@ def tokenizer_train_recipe(name: str) -> TokenizerTrainConfig:
     """`<base>` or `<base>-<variant>`: base in BUDGETS, variant in VARIANTS (`aligntok` is the default).
 
     - aligntok: the three stages (w_sp = 1);  stage1: stage 1 alone for the whole budget;
-    - wsp0: the three stages with w_sp = 0 (PAPER.md: semantics collapse);
+    - wsp0: the three stages with w_sp = 0 (docs/method.md: semantics collapse);
     - vae: a CNN encoder from scratch, Gaussian posterior, KL weight 1e-6, one stage, the same budget;
     - vavae: the vae plus VA-VAE's vision-foundation alignment loss to the frozen foundation encoder.
     """

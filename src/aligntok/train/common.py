@@ -15,6 +15,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from aligntok import distributed
+from aligntok.checkpoint import load_training_tensors, read_training_state, save_training_state
 from aligntok.config import to_dict
 
 
@@ -100,6 +101,35 @@ def check_resume_config(saved: dict[str, Any], cfg: Any, path: Path) -> None:
     now = {k: v for k, v in to_dict(cfg).items() if k != "parallel"}
     if {k: v for k, v in saved.items() if k != "parallel"} != now:
         raise ValueError(f"{path} was made with another config; resume with the same recipe/--set")
+
+
+def save_checkpoint(
+    ckpt_dir: Path, step: int, *, cfg: Any, tensors: dict[str, Any], generator: torch.Generator, **extra: Any
+) -> None:
+    """A trainer's exact-resume state at `step`: its `tensors` (models, optimizers, EMA) and the scalars
+    (config, step, RNG states, the shared noise generator, world size, `extra`). A collective."""
+    state = {
+        "config": to_dict(cfg),
+        **extra,
+        "step": step,
+        "rng": rng_state(),
+        "generator": generator.get_state(),
+    }
+    state["world_size"] = distributed.world().world_size
+    save_training_state(ckpt_dir, step, tensors=tensors, state=state)
+
+
+def load_checkpoint(
+    path: Path, *, cfg: Any, tensors: dict[str, Any], generator: torch.Generator
+) -> dict[str, Any]:
+    """Resume from the state `save_checkpoint` wrote at `path`: refuse another config, fill `tensors` in
+    place, restore the RNG states and `generator`; returns the scalars (e.g. `state["step"]`)."""
+    state = read_training_state(path)
+    check_resume_config(state["config"], cfg, path)
+    load_training_tensors(path, tensors)
+    set_rng_state(state["rng"])
+    generator.set_state(state["generator"])
+    return state
 
 
 def seed_everything(seed: int) -> None:

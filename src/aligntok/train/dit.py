@@ -1,4 +1,4 @@
-"""The ONE flow-matching training loop for DiTs on a latent cache (PAPER.md, 'Diffusion model').
+"""The ONE flow-matching training loop for DiTs on a latent cache (docs/method.md, 'Diffusion model').
 
 Reads top to bottom: build from the cache -> parallelize (DDP/FSDP2 under torchrun) -> resume if asked ->
 steps (label dropout, logit-normal t, velocity loss, clipping, spike/NaN guard, EMA) -> checkpoints ->
@@ -17,37 +17,28 @@ from typing import Any, Literal
 import torch
 
 from aligntok import distributed, flow
-from aligntok.checkpoint import (
-    latest_checkpoint,
-    load_export,
-    load_training_tensors,
-    module_state,
-    read_training_state,
-    save_export,
-    save_training_state,
-    set_module_state,
-)
-from aligntok.config import from_dict, save_json, to_dict
+from aligntok.checkpoint import latest_checkpoint, module_state, set_module_state
+from aligntok.config import save_json
 from aligntok.data.latents import LatentCache
-from aligntok.models.dit import DiT, DiTConfig
+from aligntok.exports import save_dit
+from aligntok.models.dit import DiT, dit_preset
 from aligntok.parallelize import ParallelConfig, full_grad_norm, full_state, parallelize
 from aligntok.train.common import (
     EMA,
     JsonlLog,
     batch_indices,
-    check_resume_config,
+    load_checkpoint,
     lr_factor,
     progress,
-    rng_state,
+    save_checkpoint,
     seed_everything,
-    set_rng_state,
 )
 
 
 @dataclass(kw_only=True)
 class DiTTrainConfig:
     model: str = "debug"  # size preset and patch, e.g. "XL/1", "B/2", "debug"
-    qk_norm: bool = False  # PAPER.md: needed for long runs (diverged at 140-180K steps without)
+    qk_norm: bool = False  # docs/method.md: needed for long runs (diverged at 140-180K steps without)
     steps: int = 200
     batch_size: int = 32  # global, split over ranks
     lr: float = 2e-4
@@ -74,8 +65,6 @@ class DiTTrainConfig:
 
 
 def build_dit(cfg: DiTTrainConfig, *, latent_shape: list[int], num_classes: int) -> DiT:
-    from aligntok.recipes.dit import dit_preset
-
     c, h, _ = latent_shape
     config = dit_preset(cfg.model, in_channels=c, input_size=h, num_classes=num_classes, qk_norm=cfg.qk_norm)
     return DiT(config)
@@ -144,6 +133,37 @@ def flow_matching_loss(
     return flow.flow_loss(pred.float(), flow.velocity_target(z0, eps), cosine_weight=cfg.cosine_weight).mean()
 
 
+def _optimizer_step(
+    model: DiT,
+    opt: torch.optim.Optimizer,
+    ema: EMA,
+    guard: SpikeGuard,
+    loss: torch.Tensor,
+    step: int,
+    cfg: DiTTrainConfig,
+    ckpt_dir: Path,
+) -> tuple[float, torch.Tensor, bool]:
+    """Backward, clipping, and the optimizer and EMA step unless the spike guard rejects the global batch's
+    loss; returns (loss, grad norm, skipped). Every rank takes the same decision."""
+    opt.zero_grad(set_to_none=True)
+    loss.backward()
+    grad_norm = full_grad_norm(torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip))
+    loss_value = distributed.all_reduce_mean(loss).item()
+    if guard.is_bad(loss_value) or not math.isfinite(grad_norm.item()):
+        msg = f"loss {loss_value:.4g} at step {step} is NaN/inf or above {cfg.spike_factor}x its running mean"
+        msg += f" {guard.mean}"
+        if cfg.on_spike == "stop" or guard.skips > guard.max_skips:
+            raise RuntimeError(
+                f"{msg}; training stopped. Resume from {ckpt_dir} with a lower lr, "
+                "--set qk_norm=true or bf16=false"
+            )
+        opt.zero_grad(set_to_none=True)
+        return loss_value, grad_norm, True
+    opt.step()
+    ema.update(model, step)
+    return loss_value, grad_norm, False
+
+
 def train_dit(cfg: DiTTrainConfig, *, latents: str | Path, out: str | Path, resume: bool = False) -> Path:
     """Train a DiT on a latent cache; returns the export directory. Under torchrun each rank trains on its
     slice of every global batch (see `draw_step_noise`)."""
@@ -164,23 +184,19 @@ def train_dit(cfg: DiTTrainConfig, *, latents: str | Path, out: str | Path, resu
     opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, betas=cfg.betas, weight_decay=cfg.weight_decay)
     guard = SpikeGuard(cfg.spike_factor, cfg.max_consecutive_skips)
     gen = torch.Generator(device).manual_seed(cfg.seed * 7919)  # the same on every rank: draw_step_noise
-    null_class = cache.num_classes
     step = 0
     if world.is_main:
         out.mkdir(parents=True, exist_ok=True)
         save_json(cfg, out / "config.json")
     if resume and last is not None:
-        state = read_training_state(last)
-        check_resume_config(state["config"], cfg, last)
         tensors = {"dit": module_state(model, opt), "ema": ema.shadow}
-        load_training_tensors(last, tensors)
+        state = load_checkpoint(last, cfg=cfg, tensors=tensors, generator=gen)
         set_module_state(model, opt, tensors["dit"])
         guard.load_state_dict(state["guard"])
-        set_rng_state(state["rng"])
-        gen.set_state(state["generator"])
         step = state["step"]
-        saved_on = state["world_size"]
-        distributed.print0(f"resumed {out} at step {step} ({last.name}, saved on {saved_on} ranks)")
+        distributed.print0(
+            f"resumed {out} at step {step} ({last.name}, saved on {state['world_size']} ranks)"
+        )
     log = JsonlLog(out / "log.jsonl")
     bar = progress(cfg.steps, step, "dit")
     model.train()
@@ -197,55 +213,26 @@ def train_dit(cfg: DiTTrainConfig, *, latents: str | Path, out: str | Path, resu
             group["lr"] = cfg.lr * lr_factor(
                 step, warmup=cfg.warmup_steps, total=cfg.steps, schedule=cfg.schedule
             )
-        loss = flow_matching_loss(train_model, z0, y, noise, cfg, null_class=null_class)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        grad_norm = full_grad_norm(torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip))
-        # The global batch's loss: every rank takes the same skip decision from it.
-        loss_value = distributed.all_reduce_mean(loss).item()
-        if guard.is_bad(loss_value) or not math.isfinite(grad_norm.item()):
-            msg = (
-                f"loss {loss_value:.4g} at step {step} is NaN/inf or above {cfg.spike_factor}x its running "
-                f"mean {guard.mean}"
-            )
-            if cfg.on_spike == "stop" or guard.skips > guard.max_skips:
-                raise RuntimeError(
-                    f"{msg}; training stopped. Resume from {ckpt_dir} with a lower lr, "
-                    "--set qk_norm=true or bf16=false"
-                )
+        loss = flow_matching_loss(train_model, z0, y, noise, cfg, null_class=cache.num_classes)
+        loss_value, grad_norm, skipped = _optimizer_step(model, opt, ema, guard, loss, step, cfg, ckpt_dir)
+        if skipped:
             log.write(step=step, event="skipped_step", loss=loss_value)
-            opt.zero_grad(set_to_none=True)
-        else:
-            opt.step()
-            ema.update(model, step)
         step += 1
         seen += cfg.batch_size
         bar.update()
         if step % cfg.log_every == 0 or step == cfg.steps:
-            elapsed = time.time() - t0
             log.write(
                 step=step,
                 loss=loss_value,
                 grad_norm=grad_norm.item(),
                 lr=opt.param_groups[0]["lr"],
-                samples_per_s=seen / max(elapsed, 1e-9),
+                samples_per_s=seen / max(time.time() - t0, 1e-9),
                 skipped=guard.total_skips,
             )
             bar.set_postfix(loss=f"{loss_value:.4f}")
         if step % cfg.ckpt_every == 0 or step == cfg.steps:
-            save_training_state(
-                ckpt_dir,
-                step,
-                tensors={"dit": module_state(model, opt), "ema": ema.shadow},
-                state={
-                    "config": to_dict(cfg),
-                    "step": step,
-                    "guard": guard.state_dict(),
-                    "rng": rng_state(),
-                    "generator": gen.get_state(),
-                    "world_size": world.world_size,
-                },
-            )
+            tensors = {"dit": module_state(model, opt), "ema": ema.shadow}
+            save_checkpoint(ckpt_dir, step, cfg=cfg, tensors=tensors, generator=gen, guard=guard.state_dict())
         if step in cfg.keep_checkpoints:
             export_dit(model, ema, cfg, cache, kept_export(out, step))
     bar.close()
@@ -262,66 +249,11 @@ def kept_export(out: str | Path, step: int) -> Path:
 
 
 def export_dit(model: DiT, ema: EMA, cfg: DiTTrainConfig, cache: LatentCache, out: Path) -> None:
-    """EMA weights + everything sampling needs: model config, latent statistics, the tokenizer identity.
-    A collective under FSDP (the EMA shards are gathered); rank 0 writes."""
+    """The EMA weights as a DiT export (`aligntok.exports`). A collective under FSDP (the EMA shards are
+    gathered); rank 0 writes."""
     weights = full_state(ema.state_dict())
     if not distributed.world().is_main:
         return
-    ema_model = DiT(model.config)
-    ema_model.load_state_dict(weights)
-    save_export(
-        out,
-        ema_model,
-        {
-            "kind": "dit",
-            "config": to_dict(model.config),
-            "train": to_dict(cfg),
-            "latents": {
-                "path": str(cache.path.resolve()),
-                "mean": cache.meta["mean"],
-                "std": cache.meta["std"],
-                "classes": cache.meta["classes"],
-                "tokenizer": cache.meta["tokenizer"],
-            },
-        },
-    )
-
-
-@dataclass
-class TrainedDiT:
-    """A DiT export loaded for sampling."""
-
-    model: DiT
-    meta: dict[str, Any]
-
-    @property
-    def mean(self) -> torch.Tensor:
-        return torch.tensor(self.meta["latents"]["mean"])
-
-    @property
-    def std(self) -> torch.Tensor:
-        return torch.tensor(self.meta["latents"]["std"])
-
-    @property
-    def classes(self) -> list[str]:
-        return list(self.meta["latents"]["classes"])
-
-    @property
-    def tokenizer_hash(self) -> str:
-        return self.meta["latents"]["tokenizer"]["hash"]
-
-    @property
-    def tokenizer_path(self) -> str:
-        return self.meta["latents"]["tokenizer"]["path"]
-
-
-def load_dit(path: str | Path, map_location: str | torch.device = "cpu") -> TrainedDiT:
-
-    state, meta = load_export(path)
-    if meta.get("kind") != "dit":
-        raise ValueError(
-            f"{path} is not a DiT export (kind {meta.get('kind')!r}); pass the run's export/ dir"
-        )
-    model = DiT(from_dict(DiTConfig, meta["config"]))
-    model.load_state_dict(state)
-    return TrainedDiT(model.to(map_location).eval(), meta)
+    keys = ("mean", "std", "classes", "tokenizer")
+    latents = {"path": str(cache.path.resolve()), **{k: cache.meta[k] for k in keys}}
+    save_dit(out, weights, config=model.config, train=cfg, latents=latents)

@@ -1,7 +1,8 @@
-"""The ONE tokenizer training loop, for every stage of AlignTok and for the baselines (PAPER.md, "The three
-stages"). A stage is data (`StageConfig`): which parameter groups train, the loss weights, its length and
-learning rates, and whether an EMA of the weights is exported. `--stage all` runs a recipe's stages in
-order, each starting from the previous stage's export, then writes one export with latent statistics.
+"""The ONE tokenizer training loop, for every stage of AlignTok and for the baselines (docs/method.md,
+"The three stages"). A stage is data (`StageConfig`): which parameter groups train, the loss weights, its
+length and learning rates, and whether an EMA of the weights is exported. `--stage all` runs a recipe's
+stages in order, each starting from the previous stage's export, then writes one export with latent
+statistics.
 
 Run directory:
     RUN/config.json                      resolved training config
@@ -18,6 +19,7 @@ from __future__ import annotations
 import itertools
 import math
 import time
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
@@ -27,17 +29,12 @@ from torch import Tensor, nn
 from torch.utils.data import DataLoader
 
 from aligntok import distributed
-from aligntok.checkpoint import (
-    latest_checkpoint,
-    load_training_tensors,
-    module_state,
-    read_training_state,
-    save_training_state,
-    set_module_state,
-)
-from aligntok.config import save_json, to_dict
+from aligntok.checkpoint import latest_checkpoint, load_training_tensors, module_state, set_module_state
+from aligntok.config import save_json
+from aligntok.data import build_dataset
 from aligntok.data.latents import ChannelMoments
 from aligntok.data.shards import ShardDataset
+from aligntok.files import make_grid, save_image, to_uint8
 from aligntok.losses import (
     VF_MARGINS,
     PerceptualLoss,
@@ -53,17 +50,15 @@ from aligntok.models.discriminator import DiscriminatorConfig, PatchDiscriminato
 from aligntok.models.encoders import EncoderConfig, build_encoder
 from aligntok.models.tokenizer import Tokenizer, TokenizerConfig
 from aligntok.parallelize import ParallelConfig, full_grad_norm, full_state, parallelize
-from aligntok.report import make_grid, save_image, to_uint8
 from aligntok.train.common import (
     EMA,
     JsonlLog,
     StepBatchSampler,
-    check_resume_config,
+    load_checkpoint,
     lr_factor,
     progress,
-    rng_state,
+    save_checkpoint,
     seed_everything,
-    set_rng_state,
 )
 
 GROUPS = ("encoder", "adapter", "decoder")
@@ -206,8 +201,6 @@ def _validation_batch(cfg: TokenizerTrainConfig) -> Tensor:
     """`num_val` validation images spread evenly over the split, so that the reconstruction grids show every
     kind of image and not only the first class (train images if the dataset has no validation split; the
     first ones of a streamed shard set, which has no random access)."""
-    from aligntok.data import build_dataset
-
     try:
         ds = build_dataset(cfg.data, split="val", resolution=cfg.model.image_size)
     except ValueError:
@@ -244,14 +237,38 @@ class Autoencoder(nn.Module):
         return out
 
 
-def _train_stage(cfg: TokenizerTrainConfig, stage: StageConfig, *, out: Path) -> None:
-    from aligntok.data import build_dataset
+@dataclass
+class _Stage:
+    """Everything one stage trains and measures with, built in a fixed order (the order fixes the RNG draws
+    of the initialisations, so a resumed run rebuilds the very same modules)."""
 
-    world = distributed.init()
-    device = world.device
-    sdir = stage_dir(out, stage)
-    ckpt_dir = sdir / "checkpoints"
-    last = latest_checkpoint(ckpt_dir)
+    config: StageConfig
+    tokenizer: Tokenizer
+    autoencoder: Autoencoder  # tokenizer + VF projection: what the generator's optimizer trains
+    train_ae: nn.Module  # `autoencoder` as `parallelize` wrapped it
+    opt: torch.optim.Optimizer
+    base_lrs: list[float]
+    trained: list[nn.Parameter]
+    perceptual: PerceptualLoss | None
+    disc: PatchDiscriminator | None
+    train_disc: nn.Module | None
+    opt_d: torch.optim.Optimizer | None
+    ema: EMA | None
+    reference: Tokenizer | None  # the frozen stage-1 tokenizer of L_sp
+    generator: torch.Generator  # the same on every rank (see `_posterior_noise`)
+
+    def tensors(self) -> dict[str, dict]:
+        """What a checkpoint of this stage holds."""
+        parts = {"autoencoder": module_state(self.autoencoder, self.opt)}
+        if self.disc is not None:
+            parts["disc"] = module_state(self.disc, self.opt_d)
+        if self.ema is not None:
+            parts["ema"] = self.ema.shadow
+        return parts
+
+
+def _build_stage(cfg: TokenizerTrainConfig, stage: StageConfig, out: Path) -> _Stage:
+    device = distributed.device()
     seed_everything(cfg.seed)
     tokenizer = _initial_tokenizer(cfg, stage, out).to(device)
     tokenizer.set_trainable(**{g: g in stage.train for g in GROUPS})
@@ -269,118 +286,143 @@ def _train_stage(cfg: TokenizerTrainConfig, stage: StageConfig, *, out: Path) ->
     ]
     if vf is not None:
         param_groups.append({"params": list(vf.projection.parameters()), "lr": stage.lr, "name": "vf"})
-    base_lrs = [g["lr"] for g in param_groups]
     opt = torch.optim.AdamW(param_groups, betas=cfg.betas, weight_decay=cfg.weight_decay)
-    trained = [p for g in param_groups for p in g["params"]]
     perceptual = PerceptualLoss(net=cfg.lpips_net).to(device) if stage.lpips_weight > 0 else None
-    use_gan = stage.gan_weight > 0
-    disc = PatchDiscriminator(cfg.disc).to(device) if use_gan else None
-    train_disc = parallelize(disc, cfg.parallel, bf16=cfg.bf16) if disc is not None else None
-    opt_d = discriminator_optimizer(cfg, disc) if disc is not None else None
-    ema = EMA(tokenizer, stage.ema_decay) if stage.ema_decay else None
-    # Frozen target networks (L_sp reference, LPIPS, the VF encoder) are replicated, never wrapped.
-    reference = _semantic_reference(cfg, out).to(device) if stage.sp_weight > 0 else None
-    # One generator, the same on every rank: each draws the global batch's noise and keeps its slice, so a
-    # run is one function of its seed on any number of ranks (as in train/dit.py, draw_step_noise).
-    gen = torch.Generator(device).manual_seed(cfg.seed * 7919)
+    disc = PatchDiscriminator(cfg.disc).to(device) if stage.gan_weight > 0 else None
+    return _Stage(
+        config=stage,
+        tokenizer=tokenizer,
+        autoencoder=autoencoder,
+        train_ae=train_ae,
+        opt=opt,
+        base_lrs=[g["lr"] for g in param_groups],
+        trained=[p for g in param_groups for p in g["params"]],
+        perceptual=perceptual,
+        disc=disc,
+        train_disc=parallelize(disc, cfg.parallel, bf16=cfg.bf16) if disc is not None else None,
+        opt_d=discriminator_optimizer(cfg, disc) if disc is not None else None,
+        ema=EMA(tokenizer, stage.ema_decay) if stage.ema_decay else None,
+        # Frozen target networks (L_sp reference, LPIPS, the VF encoder) are replicated, never wrapped.
+        reference=_semantic_reference(cfg, out).to(device) if stage.sp_weight > 0 else None,
+        generator=torch.Generator(device).manual_seed(cfg.seed * 7919),
+    )
 
-    def tensors() -> dict[str, dict]:
-        parts = {"autoencoder": module_state(autoencoder, opt)}
-        if disc is not None:
-            parts["disc"] = module_state(disc, opt_d)
-        if ema is not None:
-            parts["ema"] = ema.shadow
-        return parts
 
-    step = 0
-    if last is not None:
-        state = read_training_state(last)
-        check_resume_config(state["config"], cfg, last)
-        loaded = tensors()
-        load_training_tensors(last, loaded)
-        set_module_state(autoencoder, opt, loaded["autoencoder"])
-        if disc is not None:
-            set_module_state(disc, opt_d, loaded["disc"])
-        set_rng_state(state["rng"])
-        gen.set_state(state["generator"])
-        step = state["step"]
-        distributed.print0(f"stage {stage.name}: resumed at step {step} ({last})")
-    elif disc is not None:
-        _carry_discriminator(cfg, stage, out, disc)
+def _posterior_noise(parts: _Stage, cfg: TokenizerTrainConfig) -> Tensor | None:
+    """This rank's slice of the global batch's posterior noise (VAE baselines), None for AlignTok's
+    deterministic latent. Every rank draws the whole batch from the shared generator and keeps its slice, so
+    a run is one function of its seed on any number of ranks (as in train/dit.py, draw_step_noise)."""
+    if parts.tokenizer.config.posterior != "gaussian":
+        return None
+    world = distributed.world()
+    shape = (cfg.batch_size, *parts.tokenizer.latent_shape)
+    return torch.randn(shape, generator=parts.generator, device=world.device).chunk(world.world_size)[
+        world.rank
+    ]
 
+
+def _stage_losses(
+    parts: _Stage, cfg: TokenizerTrainConfig, images: Tensor, noise: Tensor | None, *, gan_on: bool
+) -> tuple[Tensor, Tensor, dict[str, Tensor]]:
+    """The generator's total loss, the reconstruction (its GAN-free part) and every term on its own."""
+    stage = parts.config
+    losses: dict[str, Tensor] = {}
+    with distributed.autocast(cfg.bf16):
+        outputs = parts.train_ae(images, noise)
+        z, recon = outputs["z"], outputs["recon"]
+        if stage.kl_weight > 0:
+            # Per image pixel value: LDM's KL weight (1e-6) is relative to a reconstruction loss SUMMED over
+            # pixels, ours are means: divide by 3 * H * W to keep its meaning.
+            kl = kl_loss(outputs["mean"].float(), outputs["logvar"].float())
+            losses["kl"] = kl / images[0].numel()
+        losses["l1"] = (recon.float() - images).abs().mean()
+        if parts.perceptual is not None:
+            losses["lpips"] = parts.perceptual(recon.float(), images)
+        if parts.reference is not None:
+            with torch.no_grad():
+                z_ref = parts.reference.encode(images)
+            losses["sp"] = semantic_preservation_loss(z.float(), z_ref.float(), kind=stage.sp_kind)
+        if "vf_cos" in outputs:
+            losses["vf_cos"], losses["vf_dm"] = outputs["vf_cos"], outputs["vf_dm"]
+    rec = stage.l1_weight * losses["l1"] + stage.lpips_weight * losses.get("lpips", 0.0)
+    total = rec + stage.sp_weight * losses.get("sp", 0.0) + stage.kl_weight * losses.get("kl", 0.0)
+    total = total + stage.vf_weight * (losses.get("vf_cos", 0.0) + losses.get("vf_dm", 0.0))
+    if gan_on:
+        assert parts.train_disc is not None
+        # D's parameters get gradients here too (one code path for every parallel mode: a frozen flag would
+        # not reach FSDP2's unsharded copies); they are cleared before D's own step.
+        with distributed.autocast(cfg.bf16):
+            losses["g"] = generator_loss(parts.train_disc(recon).float())
+        # Under FSDP2 the root group (decoder.conv_out is in it) stays unsharded from forward to backward,
+        # so this is the very parameter the graph used.
+        weight = adaptive_gan_weight(
+            rec, losses["g"], parts.tokenizer.decoder.last_layer, base=stage.gan_weight
+        )
+        losses["gan_weight"] = weight
+        total = total + weight * losses["g"]
+    return total, recon, losses
+
+
+def _stage_loader(cfg: TokenizerTrainConfig, stage: StageConfig, start: int) -> Iterable[dict[str, Tensor]]:
+    """The training batches of steps [start, stage.steps), a pure function of (seed, stage, step)."""
+    world = distributed.world()
     dataset = build_dataset(cfg.data, split="train", resolution=cfg.model.image_size)
-    order = {"seed": cfg.seed + 1000 * _index(cfg, stage), "start": step, "stop": stage.steps}
+    order = {"seed": cfg.seed + 1000 * _index(cfg, stage), "start": start, "stop": stage.steps}
     order |= {"rank": world.rank, "world": world.world_size}
     if isinstance(dataset, ShardDataset):  # streamed: each rank reads its own shards
         batch_size = cfg.batch_size // world.world_size
-        loader = dataset.loader(batch=batch_size, num_workers=cfg.num_workers, **order)
-    else:
-        sampler = StepBatchSampler(n=len(dataset), batch=cfg.batch_size, **order)
-        loader = DataLoader(dataset, batch_sampler=sampler, num_workers=cfg.num_workers)
-    val_images = _validation_batch(cfg).to(device) if world.is_main else None
+        return dataset.loader(batch=batch_size, num_workers=cfg.num_workers, **order)
+    sampler = StepBatchSampler(n=len(dataset), batch=cfg.batch_size, **order)
+    return DataLoader(dataset, batch_sampler=sampler, num_workers=cfg.num_workers)
+
+
+def _train_stage(cfg: TokenizerTrainConfig, stage: StageConfig, *, out: Path) -> None:
+    world = distributed.init()
+    sdir = stage_dir(out, stage)
+    ckpt_dir = sdir / "checkpoints"
+    last = latest_checkpoint(ckpt_dir)
+    parts = _build_stage(cfg, stage, out)
+    step = 0
+    if last is not None:
+        loaded = parts.tensors()
+        step = load_checkpoint(last, cfg=cfg, tensors=loaded, generator=parts.generator)["step"]
+        set_module_state(parts.autoencoder, parts.opt, loaded["autoencoder"])
+        if parts.disc is not None:
+            set_module_state(parts.disc, parts.opt_d, loaded["disc"])
+        distributed.print0(f"stage {stage.name}: resumed at step {step} ({last})")
+    elif parts.disc is not None:
+        _carry_discriminator(cfg, stage, out, parts.disc)
+    loader = _stage_loader(cfg, stage, step)
+    val_images = _validation_batch(cfg).to(world.device) if world.is_main else None
     log = JsonlLog(sdir / "log.jsonl")
     if world.is_main:
         sdir.mkdir(parents=True, exist_ok=True)
     bar = progress(stage.steps, step, f"tokenizer stage {stage.name}")
-    autoencoder.train()
+    parts.autoencoder.train()
     t0 = time.time()
     for batch in loader:
-        images = batch["image"].to(device, non_blocking=True)
-        noise = None
-        if tokenizer.config.posterior == "gaussian":
-            shape = (cfg.batch_size, *tokenizer.latent_shape)
-            noise = torch.randn(shape, generator=gen, device=device).chunk(world.world_size)[world.rank]
-        for g, base in zip(opt.param_groups, base_lrs):
+        images = batch["image"].to(world.device, non_blocking=True)
+        noise = _posterior_noise(parts, cfg)
+        for g, base in zip(parts.opt.param_groups, parts.base_lrs):
             g["lr"] = base * lr_factor(
                 step, warmup=stage.warmup_steps, total=stage.steps, schedule=stage.schedule
             )
-        gan_on = use_gan and step >= stage.gan_start
-        losses: dict[str, Tensor] = {}
-        with distributed.autocast(cfg.bf16):
-            outputs = train_ae(images, noise)
-            z, recon = outputs["z"], outputs["recon"]
-            if stage.kl_weight > 0:
-                # Per image pixel value: LDM's KL weight (1e-6) is relative to a reconstruction loss
-                # SUMMED over pixels, ours are means: divide by 3 * H * W to keep its meaning.
-                kl = kl_loss(outputs["mean"].float(), outputs["logvar"].float())
-                losses["kl"] = kl / images[0].numel()
-            losses["l1"] = (recon.float() - images).abs().mean()
-            if perceptual is not None:
-                losses["lpips"] = perceptual(recon.float(), images)
-            if reference is not None:
-                with torch.no_grad():
-                    z_ref = reference.encode(images)
-                losses["sp"] = semantic_preservation_loss(z.float(), z_ref.float(), kind=stage.sp_kind)
-            if vf is not None:
-                losses["vf_cos"], losses["vf_dm"] = outputs["vf_cos"], outputs["vf_dm"]
-        rec = stage.l1_weight * losses["l1"] + stage.lpips_weight * losses.get("lpips", 0.0)
-        total = rec + stage.sp_weight * losses.get("sp", 0.0) + stage.kl_weight * losses.get("kl", 0.0)
-        total = total + stage.vf_weight * (losses.get("vf_cos", 0.0) + losses.get("vf_dm", 0.0))
-        if gan_on:
-            # D's parameters get gradients here too (one code path for every parallel mode: a frozen
-            # flag would not reach FSDP2's unsharded copies); they are cleared before D's own step.
-            with distributed.autocast(cfg.bf16):
-                losses["g"] = generator_loss(train_disc(recon).float())
-            # Under FSDP2 the root group (decoder.conv_out is in it) stays unsharded from forward to
-            # backward, so this is the very parameter the graph used.
-            last_layer = tokenizer.decoder.last_layer
-            weight = adaptive_gan_weight(rec, losses["g"], last_layer, base=stage.gan_weight)
-            losses["gan_weight"] = weight
-            total = total + weight * losses["g"]
-        opt.zero_grad(set_to_none=True)
+        gan_on = parts.disc is not None and step >= stage.gan_start
+        total, recon, losses = _stage_losses(parts, cfg, images, noise, gan_on=gan_on)
+        parts.opt.zero_grad(set_to_none=True)
         total.backward()
-        grad_norm = full_grad_norm(torch.nn.utils.clip_grad_norm_(trained, cfg.grad_clip))
+        grad_norm = full_grad_norm(torch.nn.utils.clip_grad_norm_(parts.trained, cfg.grad_clip))
         loss_value = distributed.all_reduce_mean(total).item()  # the global batch's: one decision for all
         if not math.isfinite(loss_value):
             raise RuntimeError(
                 f"stage {stage.name}: loss is {loss_value} at step {step}; resume from "
                 f"{ckpt_dir} with a lower lr or bf16=false"
             )
-        opt.step()
+        parts.opt.step()
         if gan_on:
-            losses["d"] = discriminator_step(cfg, train_disc, opt_d, images, recon.detach())
-        if ema is not None:
-            ema.update(tokenizer, step)
+            losses["d"] = discriminator_step(cfg, parts.train_disc, parts.opt_d, images, recon.detach())
+        if parts.ema is not None:
+            parts.ema.update(parts.tokenizer, step)
         step += 1
         bar.update()
         if step % cfg.log_every == 0 or step == stage.steps:
@@ -388,31 +430,21 @@ def _train_stage(cfg: TokenizerTrainConfig, stage: StageConfig, *, out: Path) ->
                 step=step,
                 loss=loss_value,
                 grad_norm=grad_norm.item(),
-                lr=opt.param_groups[0]["lr"],
+                lr=parts.opt.param_groups[0]["lr"],
                 images_per_s=step * cfg.batch_size / max(time.time() - t0, 1e-9) if step else 0.0,
                 **{k: distributed.all_reduce_mean(v).item() for k, v in losses.items()},
             )
             bar.set_postfix(loss=f"{loss_value:.4f}")
         if step % cfg.val_every == 0 or step == stage.steps:
-            copy = _gathered_copy(tokenizer, ema)
+            copy = _gathered_copy(parts.tokenizer, parts.ema)
             if world.is_main:
                 log.write(step=step, val_psnr=_validate(copy, val_images, sdir / f"recon-{step:07d}.png"))
         if step % cfg.ckpt_every == 0 or step == stage.steps:
-            save_training_state(
-                ckpt_dir,
-                step,
-                tensors=tensors(),
-                state={
-                    "config": to_dict(cfg),
-                    "stage": stage.name,
-                    "step": step,
-                    "rng": rng_state(),
-                    "generator": gen.get_state(),
-                    "world_size": world.world_size,
-                },
+            save_checkpoint(
+                ckpt_dir, step, cfg=cfg, tensors=parts.tensors(), generator=parts.generator, stage=stage.name
             )
     bar.close()
-    copy = _gathered_copy(tokenizer, ema)
+    copy = _gathered_copy(parts.tokenizer, parts.ema)
     if world.is_main:
         copy.save_pretrained(sdir / "export", extra_meta={"stage": stage.name, "steps": stage.steps})
     distributed.barrier()
@@ -488,8 +520,6 @@ def latent_statistics(tokenizer: Tokenizer, cfg: TokenizerTrainConfig) -> tuple[
     """Per-channel mean/std of the latents of the training data (float64 accumulation): the first
     `stats_batches` batches of 64 images (all by default). Under torchrun rank r encodes batches r,
     r + world, ... (shards r, r + world, ... of a shard folder) and the moments are summed: a collective."""
-    from aligntok.data import build_dataset
-
     world = distributed.world()
     device = next(tokenizer.parameters()).device
     tokenizer.eval()

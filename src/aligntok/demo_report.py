@@ -1,0 +1,174 @@
+"""The HTML report of `aligntok demo`: metrics, reconstructions after each stage, sample grids per class,
+training curves, timings and the commands that reproduce each step."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from aligntok.files import make_grid, save_image, write_json
+from aligntok.report import Raw, html_page, html_table, plot_curves
+from aligntok.train.common import read_log
+
+
+def _class_rows(npz: Path, classes: list[str], per_class: int, folder: Path, prefix: str) -> list[str]:
+    """One PNG per class (its first `per_class` samples in a row); returns the file names."""
+    with np.load(npz) as f:
+        images, labels = f["arr_0"], f["labels"]
+    names = []
+    for k in range(len(classes)):
+        chosen = images[labels == k][:per_class]
+        name = f"{prefix}-class{k}.png"
+        save_image(make_grid(chosen, nrow=per_class), folder / name, scale=2)
+        names.append(name)
+    return names
+
+
+def _curves(out: Path, report: Path) -> dict[str, str]:
+    """Loss and validation curves of both trainers, as PNGs under `report`; name -> file name."""
+    loss: dict[str, list[tuple[float, float]]] = {}
+    psnr: dict[str, list[tuple[float, float]]] = {}
+    boundaries: dict[str, float] = {}
+    offset = 0
+    for stage_dir in sorted((out / "tokenizer").glob("stage-*")):
+        rows = read_log(stage_dir / "log.jsonl")
+        stage = stage_dir.name.removeprefix("stage-")
+        loss[f"stage {stage}"] = [(offset + r["step"], r["loss"]) for r in rows if "loss" in r]
+        psnr[f"stage {stage}"] = [(offset + r["step"], r["val_psnr"]) for r in rows if "val_psnr" in r]
+        last = max((r["step"] for r in rows), default=0)
+        if offset:
+            boundaries[f"stage {stage}"] = offset
+        offset += last
+    dit_rows = read_log(out / "dit" / "log.jsonl")
+    plots = {  # name -> (series, file, title, y label, stage boundaries)
+        "tokenizer loss": (loss, "tokenizer-loss.png", "tokenizer training loss", "loss", boundaries),
+        "tokenizer val PSNR": (
+            psnr,
+            "tokenizer-psnr.png",
+            "reconstruction PSNR, fixed val batch (EMA weights)",
+            "PSNR (dB)",
+            boundaries,
+        ),
+        "DiT loss": (
+            {"flow-matching loss": [(r["step"], r["loss"]) for r in dit_rows if "loss" in r]},
+            "dit-loss.png",
+            "DiT training loss",
+            "velocity MSE",
+            None,
+        ),
+    }
+    files = {
+        name: plot_curves(series, report / file, title=title, xlabel="step", ylabel=ylabel, vlines=vlines)
+        for name, (series, file, title, ylabel, vlines) in plots.items()
+    }
+    return {name: path.name for name, path in files.items()}
+
+
+def _fmt(v: Any) -> str:
+    return f"{v:.3f}" if isinstance(v, float) else str(v)
+
+
+def _guidance(g: dict[str, Any], *, interval: bool = False) -> str:
+    """How a sample set was guided, from its fid.json record."""
+    if g["cfg"] == 1.0:
+        return "no guidance"
+    return f"guidance {g['cfg']:g}" + (f" on t in {g['interval']}" if interval else "")
+
+
+def _metric_rows(
+    tokenizer_metrics: dict[str, Any], gfid: dict[str, dict[str, Any]], floor: dict[str, Any], eval_num: int
+) -> list[list[object]]:
+    tm = tokenizer_metrics
+    rows: list[list[object]] = [
+        [
+            "reconstruction PSNR (dB)",
+            _fmt(tm.get("psnr")),
+            f"val split, {tm.get('num_images', eval_num)} images",
+        ],
+        ["SSIM", _fmt(tm.get("ssim")), ""],
+        ["LPIPS", _fmt(tm.get("lpips")), "VGG16 LPIPS v0.1"],
+        ["rFID", _fmt(tm.get("rfid")), "reconstructions vs originals"],
+        ["linear probe on latents (class-balanced acc.)", _fmt(tm.get("probe_balanced")), "train -> val"],
+        ["k-NN on latents (class-balanced acc.)", _fmt(tm.get("knn_balanced")), ""],
+        ["CKNNA latent vs frozen encoder", _fmt(tm.get("cknna")), "alignment with the foundation encoder"],
+    ]
+    for g in gfid.values():
+        how = f"{g['num_samples']} samples vs {g['num_ref']} training images"
+        rows.append([f"gFID, {_guidance(g, interval=True)}", _fmt(g["fid"]), how])
+    how = f"{floor['num']} real {floor['split']} images vs the same reference"
+    rows.append(["real-vs-real FID floor", _fmt(floor["fid"]), how])
+    return rows
+
+
+def _recon_rows(out: Path, report: Path) -> list[list[object]]:
+    """The last reconstruction grid of each tokenizer stage, copied next to the page."""
+    rows: list[list[object]] = []
+    for stage_dir in sorted((out / "tokenizer").glob("stage-*")):
+        pngs = sorted(stage_dir.glob("recon-*.png"))
+        if pngs:
+            target = f"recon-{stage_dir.name}.png"
+            shutil.copyfile(pngs[-1], report / target)
+            rows.append([f"after {stage_dir.name.replace('-', ' ')}", Raw(f"<img src='{target}'>")])
+    return rows
+
+
+def write_report(
+    out: Path,
+    *,
+    title: str,
+    num_samples: int,
+    eval_num: int,
+    per_class: int,
+    tokenizer_metrics: dict[str, Any],
+    gfid: dict[str, dict[str, Any]],
+    floor: dict[str, Any],
+    timings: dict[str, float],
+    commands: list[str],
+) -> Path:
+    """`out/report/index.html` (+ metrics.json and PNGs beside it) from the finished run under `out`."""
+    report = out / "report"
+    report.mkdir(parents=True, exist_ok=True)
+    classes = json.loads((out / "latents" / "meta.json").read_text())["classes"]
+    keys = ("psnr", "ssim", "lpips", "rfid", "probe_balanced", "knn_balanced", "cknna")
+    metrics = {
+        "tokenizer": {k: tokenizer_metrics.get(k) for k in keys},
+        "gfid": {k: v["fid"] for k, v in gfid.items()},
+        "fid_floor": floor["fid"],
+        "num_samples": num_samples,
+        "num_ref": floor["num_ref"],
+        "timings_s": timings,
+    }
+    write_json(metrics, report / "metrics.json")
+    grids = {
+        key: _class_rows(out / "samples" / key / "samples.npz", classes, per_class, report, f"samples-{key}")
+        for key in gfid
+    }
+    sample_rows = [[c] + [Raw(f"<img src='{grids[k][i]}'>") for k in gfid] for i, c in enumerate(classes)]
+    curves = _curves(out, report)
+    time_rows = [[k, f"{v:.0f}"] for k, v in timings.items()]
+    sections = [
+        (
+            "Metrics",
+            html_table(["metric", "value", "how"], _metric_rows(tokenizer_metrics, gfid, floor, eval_num)),
+        ),
+        (
+            "Reconstructions after each stage",
+            "<p>Top row: originals; bottom row: reconstructions (fixed val batch).</p>"
+            + html_table(["stage", "originals / reconstructions"], _recon_rows(out, report)),
+        ),
+        ("Samples of every class", html_table(["class"] + [_guidance(gfid[k]) for k in gfid], sample_rows)),
+        ("Curves", "".join(f"<p><img src='{f}' alt='{n}'></p>" for n, f in curves.items())),
+        (
+            "Time",
+            html_table(["step", "seconds"], time_rows)
+            + f"<p>{sum(timings.values()) / 60:.1f} minutes of work in all.</p>",
+        ),
+        ("Commands to reproduce", "<pre>{}</pre>".format("\n".join(commands))),
+    ]
+    index = report / "index.html"
+    index.write_text(html_page(title, sections))
+    return index
