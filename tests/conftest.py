@@ -1,4 +1,11 @@
-"""Shared fixtures: tiny image folders and a debug tokenizer export, made in temporary directories."""
+"""Shared fixtures: tiny image folders and a debug tokenizer export, made in temporary directories.
+
+The suite's layers, one folder each: unit/ (pure functions and small pieces), models/ (model contracts:
+shapes, presets, save/load), parity/ (agreement with reference formulas and implementations),
+distributed/ (2 gloo ranks against one process), e2e/ (commands and pipelines end to end on debug
+recipes). Tests that train for seconds, and every test that uses a fixture made with `slow_fixture`, carry
+the `slow` marker: `pytest -m "not slow"` is the quick layer.
+"""
 
 from __future__ import annotations
 
@@ -27,6 +34,28 @@ def make_image_folder(root: Path, *, per_class: int = 6, size: int = 32, seed: i
             img[mask] = color
             Image.fromarray(img).save(root / cls / f"{i}.png")
     return root
+
+
+_SLOW_FIXTURES: set[tuple[str, str]] = set()
+
+
+def slow_fixture(*args, **kwargs):
+    """`pytest.fixture` for a fixture that trains or runs a real network for seconds: every test that uses
+    it, directly or through another fixture, is marked `slow`."""
+
+    def wrap(fn):
+        _SLOW_FIXTURES.add((fn.__module__, fn.__name__))
+        return pytest.fixture(*args, **kwargs)(fn)
+
+    return wrap
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    for item in items:
+        defs = getattr(item, "_fixtureinfo", None)
+        funcs = [d.func for ds in (defs.name2fixturedefs.values() if defs else ()) for d in ds]
+        if any((getattr(f, "__module__", ""), getattr(f, "__name__", "")) in _SLOW_FIXTURES for f in funcs):
+            item.add_marker(pytest.mark.slow)
 
 
 @pytest.fixture(scope="session")

@@ -13,7 +13,7 @@ from aligntok.models.layers import AttnBlock, ResnetBlock, group_norm
 
 # The TF EfficientNet-Lite recipe normalises with (x * 255 - 127) / 128. The ported weights agree: on photos
 # the stem BatchNorm's batch variance sits within exp(0.40) of its running variance with this scaling and
-# exp(1.68) with ImageNet statistics (docs/encoders.md; tested in tests/test_encoders.py).
+# exp(1.68) with ImageNet statistics (docs/encoders.md; tested in tests/models/test_encoders.py).
 EFFICIENTNET_LITE_MEAN = (127.0 / 255.0,) * 3
 EFFICIENTNET_LITE_STD = (128.0 / 255.0,) * 3
 

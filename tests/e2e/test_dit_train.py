@@ -22,9 +22,10 @@ from aligntok.sampling import SampleConfig
 from aligntok.train import dit as dit_train
 from aligntok.train.common import EMA, read_log
 from aligntok.train.dit import SpikeGuard, train_dit
+from conftest import slow_fixture
 
 
-@pytest.fixture(scope="module")
+@slow_fixture(scope="module")
 def setup(tmp_path_factory, image_folder, debug_tokenizer) -> dict[str, Path]:
     root = tmp_path_factory.mktemp("dit")
     tok_a = debug_tokenizer

@@ -22,7 +22,7 @@ from aligntok.models.discriminator import DiscriminatorConfig
 from aligntok.recipes.tokenizer import tokenizer_train_recipe
 from conftest import make_image_folder
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 
 
 def _module(name: str):

@@ -197,6 +197,7 @@ def one_thread():
 
 
 @needs_inception
+@pytest.mark.slow
 def test_features_do_not_depend_on_batch_size_or_input_form(one_thread):
     g = torch.Generator().manual_seed(0)
     u8 = (torch.rand(6, 3, 8, 8, generator=g) * 255).round().to(torch.uint8)  # (B, 3, H, W)

@@ -16,6 +16,7 @@ from aligntok.recipes.tokenizer import tokenizer_train_recipe, tokenizer_train_r
 from aligntok.train import tokenizer as tok_train
 from aligntok.train.common import read_log
 from aligntok.train.tokenizer import TokenizerTrainConfig, train_tokenizer
+from conftest import slow_fixture
 
 
 def _part(tok: Tokenizer, prefix: str) -> dict[str, torch.Tensor]:
@@ -31,7 +32,7 @@ def _used_encoder_keys(tok: Tokenizer) -> set[str]:
     return {f"encoder.{k}" for k, p in tok.encoder.named_parameters() if id(p) in used}
 
 
-@pytest.fixture(scope="module")
+@slow_fixture(scope="module")
 def run(tmp_path_factory, image_folder) -> Path:
     out = tmp_path_factory.mktemp("tok") / "run"
     main(
@@ -90,6 +91,7 @@ def test_final_export_carries_latent_statistics(run: Path) -> None:
     assert (tok.latent_std > 0).all() and not torch.equal(tok.latent_std, torch.ones_like(tok.latent_std))
 
 
+@pytest.mark.slow
 def test_interrupted_run_resumes_bit_identical(tmp_path, image_folder, monkeypatch, run) -> None:
     cfg = apply_overrides(tokenizer_train_recipe("debug"), [f"data={image_folder}"])
     calls = {"n": 0}

@@ -159,6 +159,7 @@ def _tokenizer_stages(ref: Path, out: Path, data: str) -> None:
                 torch.save(rec.grads, run / "grads.pt")
 
 
+@pytest.mark.slow
 def test_tokenizer_step_of_each_stage_on_2_ranks_equals_one_process(image_folder, tmp_path) -> None:
     ref = tmp_path / "one"
     with _RecordGrads() as rec:

@@ -107,6 +107,7 @@ def test_eval_indices_are_a_seeded_sorted_subset() -> None:
         eval_indices(10, 0)
 
 
+@pytest.mark.slow
 def test_rfid_through_the_real_inception_network() -> None:
     # The real FID network on 3 images a side (it is slow on a CPU): our batches go through it.
     value = rfid(_images(3, 32), _images(3, 32, seed=7), progress=False)
