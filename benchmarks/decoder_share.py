@@ -35,7 +35,8 @@ import reproduce as rep
 from aligntok.data.latents import same_latent_space
 from aligntok.files import write_json
 from aligntok.tokenizer_eval import tokenizer_metrics
-from aligntok.train.tokenizer import StageConfig, TokenizerTrainConfig, stage_dir, train_tokenizer
+from aligntok.train.tokenizer import stage_dir, train_tokenizer
+from aligntok.train.tokenizer_config import StageConfig, TokenizerTrainConfig
 
 
 def main() -> None:

@@ -32,7 +32,8 @@ from aligntok.data import build_dataset
 from aligntok.exports import load_tokenizer
 from aligntok.files import write_json
 from aligntok.models.discriminator import PatchDiscriminator
-from aligntok.train.tokenizer import TokenizerTrainConfig, discriminator_optimizer, discriminator_step
+from aligntok.train.tokenizer_config import TokenizerTrainConfig
+from aligntok.train.tokenizer_stage import discriminator_optimizer, discriminator_step
 
 
 def main() -> None:

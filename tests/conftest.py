@@ -58,6 +58,20 @@ def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
             item.add_marker(pytest.mark.slow)
 
 
+def failing_on_call(real, n: int, exc: type[BaseException] = KeyboardInterrupt):
+    """`real` wrapped to raise `exc` on its n-th call: a process killed at a known point (e.g. patched onto
+    `SpikeGuard.is_bad`, called once per training step)."""
+    calls = {"n": 0}
+
+    def wrapper(*args, **kwargs):
+        calls["n"] += 1
+        if calls["n"] == n:
+            raise exc
+        return real(*args, **kwargs)
+
+    return wrapper
+
+
 @pytest.fixture(scope="session")
 def image_folder(tmp_path_factory) -> Path:
     return make_image_folder(tmp_path_factory.mktemp("images") / "shapes")

@@ -111,22 +111,44 @@ def download(pkg: Package) -> Path:
 
 
 def _umask() -> int:
+    """The process umask, read without changing it where Linux shows it (os.umask sets it while reading)."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("Umask:"):
+                return int(line.split()[1], 8)
+    except (OSError, ValueError):
+        pass
     mask = os.umask(0o022)
     os.umask(mask)
     return mask
+
+
+def _open_mode(path: Path) -> None:
+    """Give `path` (and, for a directory, everything inside it) the mode a plain open() or mkdir() would:
+    0666 (0777 for directories and executables) less the umask. Some writers make private files
+    (safetensors' save_file and tempfile's mkstemp/mkdtemp give 0600/0700), wrong for a shared cache."""
+    mask = _umask()
+    for p in [path, *(path.rglob("*") if path.is_dir() else ())]:
+        if p.is_symlink():
+            continue
+        executable = p.is_dir() or p.stat().st_mode & 0o100
+        os.chmod(p, (0o777 if executable else 0o666) & ~mask)
 
 
 @contextlib.contextmanager
 def atomic_file(target: str | Path) -> Iterator[Path]:
     """Yield a temporary path beside `target` that replaces it only if the block finishes without error:
     a reader never sees half a file. The name holds the writer's pid, so two processes writing the same
-    target never share it (not mkstemp: its 0600 mode would make a shared cache private); it ends in
-    `.tmp`, so that no glob for the target's kind (`*.tar`, `*.npz`) takes a killed writer's leftover."""
+    target never share it; it ends in `.tmp`, so that no glob for the target's kind (`*.tar`, `*.npz`) takes
+    a killed writer's leftover. The file gets the mode open() would give it (0666 less the umask), whatever
+    mode the writer chose (safetensors writes 0600), so that a shared cache stays readable."""
     target = Path(target)
     target.parent.mkdir(parents=True, exist_ok=True)
     tmp = target.with_name(f".{target.name}.{os.getpid()}.tmp")
     try:
         yield tmp
+        if tmp.exists():
+            _open_mode(tmp)
         os.replace(tmp, target)
     finally:
         tmp.unlink(missing_ok=True)
@@ -134,13 +156,13 @@ def atomic_file(target: str | Path) -> Iterator[Path]:
 
 @contextlib.contextmanager
 def atomic_dir(target: Path) -> Iterator[Path]:
-    """Yield a temporary directory that becomes `target` only if the block finishes without error."""
+    """Yield a temporary directory that becomes `target` only if the block finishes without error; the
+    directory and everything in it get the modes mkdir() and open() would give them (umask applied)."""
     target.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(dir=target.parent, prefix=f".{target.name}.tmp-"))
     try:
         yield tmp
-        # mkdtemp makes the directory private (0700); a shared cache wants the usual umask permissions.
-        os.chmod(tmp, 0o777 & ~_umask())
+        _open_mode(tmp)  # mkdtemp makes the directory private (0700), safetensors its files (0600)
         if target.exists():
             shutil.rmtree(target)
         os.replace(tmp, target)
@@ -366,9 +388,6 @@ def fetch(name: str, *, force: bool = False) -> Path:
     with atomic_dir(target) as tmp:
         asset.prepare(archive, tmp)
         produced = sorted(p for p in tmp.rglob("*") if p.is_file())
-        for p in produced:
-            # Some writers (safetensors) create private files; the cache is meant to be readable by all.
-            os.chmod(p, 0o666 & ~_umask())
         files = {p.relative_to(tmp).as_posix(): sha256_file(p) for p in produced}
         manifest = {
             "name": name,

@@ -138,7 +138,11 @@ def _demo(args: argparse.Namespace) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="aligntok", description=__doc__)
+    parser = argparse.ArgumentParser(
+        prog="aligntok",
+        description=__doc__,
+        epilog="--debug (anywhere on the line, or ALIGNTOK_DEBUG=1) shows the traceback of an error",
+    )
     sub = parser.add_subparsers(dest="command", required=True)
 
     assets_p = sub.add_parser("assets", help="offline weights: fetch, verify, list")
@@ -280,19 +284,34 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _one_line(e: BaseException) -> str:
+    """An ordinary failure as the single line the user sees."""
+    if isinstance(e, OSError) and e.strerror:
+        where = f": {e.filename}" if e.filename else ""
+        return f"{e.strerror}{where}"
+    return str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+
+
 def main(argv: list[str] | None = None) -> None:
     # Offline by construction: no code path may reach a model hub.
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
-    args = build_parser().parse_args(argv)
+    argv = list(sys.argv[1:] if argv is None else argv)
+    debug = "--debug" in argv or bool(os.environ.get("ALIGNTOK_DEBUG"))
+    args = build_parser().parse_args([a for a in argv if a != "--debug"])
     func: Callable[[argparse.Namespace], None] = args.func
     try:
         func(args)
-    except (ValueError, FileNotFoundError, RuntimeError) as e:
-        # User errors end with one line naming the fix; internal bugs (asserts, TypeErrors) keep tracebacks.
-        if os.environ.get("ALIGNTOK_DEBUG"):
+    except KeyboardInterrupt:
+        if debug:
             raise
-        print(f"aligntok: error: {e}", file=sys.stderr)
+        print("aligntok: interrupted; rerun the same command to continue where it stopped", file=sys.stderr)
+        sys.exit(130)
+    except (ValueError, FileNotFoundError, RuntimeError, OSError) as e:
+        # User errors end with one line naming the fix; internal bugs (asserts, TypeErrors) keep tracebacks.
+        if debug:
+            raise
+        print(f"aligntok: error: {_one_line(e)}", file=sys.stderr)
         sys.exit(1)
     finally:
         # Under torchrun, leave the process group cleanly (NCCL warns about a group never destroyed).

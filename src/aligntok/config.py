@@ -41,11 +41,20 @@ def _coerce(value: Any, tp: Any) -> Any:
         if not isinstance(value, (list, tuple)):
             raise ValueError(f"expected a list, got {value!r}")
         if origin is tuple and args and args[-1] is not Ellipsis:
+            if len(value) != len(args):
+                raise ValueError(f"expected a list of {len(args)} items, got {value!r}")
             return tuple(_coerce(v, a) for v, a in zip(value, args))
         inner = args[0] if args else Any
         seq = [_coerce(v, inner) for v in value]
         return tuple(seq) if origin is tuple else seq
-    if origin is dict or tp is Any or origin is typing.Literal:
+    if origin is typing.Literal:
+        allowed = typing.get_args(tp)
+        if not any(value == a and type(value) is type(a) for a in allowed):
+            raise ValueError(f"expected one of {', '.join(map(repr, allowed))}, got {value!r}")
+        return value
+    if origin is dict and not isinstance(value, dict):
+        raise ValueError(f"expected a mapping, got {value!r}")
+    if origin is dict or tp is Any:
         return value
     if tp is bool:
         if isinstance(value, bool):
@@ -57,7 +66,7 @@ def _coerce(value: Any, tp: Any) -> Any:
         return value
     if tp is str and isinstance(value, str):
         return value
-    if tp in (int, float, str):
+    if tp in (int, float, str) or (isinstance(tp, type) and not isinstance(value, tp)):  # e.g. a bare `dict`
         raise ValueError(f"expected {tp.__name__}, got {value!r}")
     return value
 
@@ -76,7 +85,11 @@ def from_dict(cls: type[T], data: dict[str, Any]) -> T:
     unknown = set(data) - names
     if unknown:
         raise ValueError(f"unknown {cls.__name__} field(s) {sorted(unknown)}; known: {sorted(names)}")
-    return cls(**{k: _coerce(v, hints[k]) for k, v in data.items()})
+    values = {k: _coerce(v, hints[k]) for k, v in data.items()}
+    try:
+        return cls(**values)
+    except TypeError as e:  # a required field missing
+        raise ValueError(f"{cls.__name__}: {e}") from None
 
 
 def _parse_value(text: str) -> Any:
@@ -131,3 +144,33 @@ def save_json(cfg: Any, path: str | Path) -> None:
 
 def load_json(cls: type[T], path: str | Path) -> T:
     return from_dict(cls, json.loads(Path(path).read_text()))
+
+
+def check_ranges(
+    cfg: Any,
+    *,
+    positive: tuple[str, ...] = (),
+    non_negative: tuple[str, ...] = (),
+    probability: tuple[str, ...] = (),
+) -> None:
+    """Refuse values out of range where a config is built (so `--set` fails before anything runs): fields
+    in `positive` must be > 0, in `non_negative` >= 0, in `probability` within [0, 1]; None passes (an
+    optional field left unset). NaN fails every check."""
+    name = type(cfg).__name__
+    rules = [(positive, lambda v: v > 0, "> 0"), (non_negative, lambda v: v >= 0, ">= 0")]
+    rules.append((probability, lambda v: 0 <= v <= 1, "within [0, 1]"))
+    for fields, ok, text in rules:
+        for field in fields:
+            value = getattr(cfg, field)
+            if value is not None and not ok(value):
+                raise ValueError(f"{name}.{field}={value} must be {text}")
+
+
+def differences(a: Any, b: Any, prefix: str = "") -> list[str]:
+    """Dotted paths where two JSON-like values differ (`stages.1.lr`), for messages that say what changed."""
+    if isinstance(a, dict) and isinstance(b, dict):
+        keys = sorted(set(a) | set(b))
+        return [d for k in keys for d in differences(a.get(k), b.get(k), f"{prefix}{k}.")]
+    if isinstance(a, list) and isinstance(b, list) and len(a) == len(b):
+        return [d for i, (x, y) in enumerate(zip(a, b)) for d in differences(x, y, f"{prefix}{i}.")]
+    return [] if a == b else [prefix.rstrip(".") or "(value)"]

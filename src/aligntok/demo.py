@@ -27,6 +27,7 @@ from aligntok.evaluate import fid_floor, generation_fid
 from aligntok.files import cached_json, write_json
 from aligntok.recipes.dit import dit_train_recipe
 from aligntok.recipes.tokenizer import tokenizer_train_recipe
+from aligntok.rundir import run_lock
 from aligntok.sampling import SampleConfig
 from aligntok.tokenizer_eval import tokenizer_metrics
 from aligntok.train.dit import train_dit
@@ -152,8 +153,11 @@ def run_demo(preset: str = "quick", out: str | Path = "runs/demo") -> Path:
     """Run the demo `preset` into `out` (resuming what is there); returns the report's index.html."""
     if preset not in PRESETS:
         raise ValueError(f"unknown demo preset {preset!r}; choose one of {sorted(PRESETS)}")
-    p = PRESETS[preset]
-    out = Path(out)
+    with run_lock(out) as out:
+        return _run(PRESETS[preset], preset, out)
+
+
+def _run(p: DemoPreset, preset: str, out: Path) -> Path:
     report = out / "report"
     _check_same_preset(out / "demo.json", {"preset": preset, **asdict(p)})
     steps = _Steps(8, report / "timings.json")

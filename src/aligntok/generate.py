@@ -17,6 +17,7 @@ from aligntok.data.latents import check_tokenizer
 from aligntok.exports import TrainedDiT, load_dit
 from aligntok.files import make_grid, save_image, save_npz, to_uint8, write_json
 from aligntok.models.tokenizer import Tokenizer
+from aligntok.rundir import run_lock
 from aligntok.sampling import SAMPLERS, SampleConfig
 
 
@@ -144,9 +145,45 @@ def generate(
     """Sample `num` images (class-balanced unless `class_id`) with the settings `sample` and write them under
     `out`: images/ (PNGs), grid.png, samples.npz (ADM format, with labels) and sampling.json."""
     sample = sample or SampleConfig()
+    if num < 1 or batch_size < 1:
+        raise ValueError(f"--num ({num}) and --batch-size ({batch_size}) must be >= 1")
     world = distributed.init()
-    out = Path(out)
     dit, tokenizer, tokenizer_dir, guide = _load_models(dit_dir, tokenizer_dir, guide_dir, world.device)
+    with run_lock(out) as out:
+        return _generate(
+            dit,
+            tokenizer,
+            guide,
+            out,
+            num=num,
+            sample=sample,
+            class_id=class_id,
+            batch_size=batch_size,
+            save_pngs=save_pngs,
+            source={  # which weights, by export hash: a retrained run at the same path differs
+                "dit": str(Path(dit_dir).resolve()),
+                "dit_hash": export_hash(dit_dir),
+                "tokenizer": str(tokenizer_dir.resolve()),
+                "guide": str(guide_dir) if guide_dir else None,
+                "guide_hash": export_hash(guide_dir) if guide_dir else None,
+            },
+        )
+
+
+def _generate(
+    dit: TrainedDiT,
+    tokenizer: Tokenizer,
+    guide: TrainedDiT | None,
+    out: Path,
+    *,
+    num: int,
+    sample: SampleConfig,
+    class_id: int | None,
+    batch_size: int,
+    save_pngs: bool,
+    source: dict,
+) -> Path:
+    world = distributed.world()
     num_classes = dit.model.config.num_classes
     if class_id is not None and not 0 <= class_id < num_classes:
         raise ValueError(f"--class {class_id} is out of range: this DiT has classes 0..{num_classes - 1}")
@@ -156,17 +193,7 @@ def generate(
         if class_id is not None
         else sampling.balanced_labels(num, num_classes, generator=gen)
     )
-    record = {  # sampling.json: what these samples are
-        "dit": str(Path(dit_dir).resolve()),
-        "dit_hash": export_hash(dit_dir),  # which weights: a retrained run at the same path differs
-        "tokenizer": str(tokenizer_dir.resolve()),
-        "num": num,
-        **sample.record(),
-        "class": class_id,
-        "guide": str(guide_dir) if guide_dir else None,
-        "guide_hash": export_hash(guide_dir) if guide_dir else None,
-        "batch_size": batch_size,
-    }
+    record = {**source, "num": num, **sample.record(), "class": class_id, "batch_size": batch_size}
     partial = _partial_dir(out, record, world)
     kw = {"batch_size": batch_size, "partial": partial, "world": world}
     images, kept = _sample_batches(dit, tokenizer, guide, labels, sample, **kw)
@@ -178,6 +205,7 @@ def generate(
     if not world.is_main:
         return out
     arr = np.concatenate(images)[torch.cat(kept).argsort().numpy()]
+    shutil.rmtree(out / "images", ignore_errors=True)  # a folder of an earlier, larger --num keeps none of it
     if save_pngs:
         for i, img in enumerate(arr):
             save_image(img, out / "images" / f"{i:06d}.png")

@@ -31,9 +31,10 @@ from aligntok.parallelize import full_state
 from aligntok.recipes.dit import dit_train_recipe
 from aligntok.recipes.tokenizer import tokenizer_train_recipe
 from aligntok.sampling import SampleConfig
-from aligntok.train.common import read_log
-from aligntok.train.dit import SpikeGuard, train_dit
+from aligntok.train.common import SpikeGuard, read_log
+from aligntok.train.dit import train_dit
 from aligntok.train.tokenizer import train_tokenizer
+from conftest import failing_on_call
 
 pytestmark = pytest.mark.distributed
 MODES = ("ddp", "fsdp")
@@ -190,16 +191,8 @@ class _Interrupt(Exception):
 
 def _dit_interrupted(cfg, cache: Path, out: Path) -> None:
     """Train on 2 ranks and die during step 5 (the state of step 3 is on disk)."""
-    calls = {"n": 0}
     real = SpikeGuard.is_bad
-
-    def die_at_step_5(self, loss):
-        calls["n"] += 1
-        if calls["n"] == 5:
-            raise _Interrupt
-        return real(self, loss)
-
-    SpikeGuard.is_bad = die_at_step_5
+    SpikeGuard.is_bad = failing_on_call(real, 5, _Interrupt)  # dies during step 5
     with contextlib.suppress(_Interrupt):
         train_dit(cfg, latents=cache, out=out)
 

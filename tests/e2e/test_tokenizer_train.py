@@ -13,9 +13,10 @@ from aligntok.config import apply_overrides, from_dict, to_dict
 from aligntok.models.encoders import build_encoder
 from aligntok.models.tokenizer import Tokenizer
 from aligntok.recipes.tokenizer import tokenizer_train_recipe, tokenizer_train_recipes
-from aligntok.train import tokenizer as tok_train
+from aligntok.train import tokenizer_stage as tok_train
 from aligntok.train.common import read_log
-from aligntok.train.tokenizer import TokenizerTrainConfig, train_tokenizer
+from aligntok.train.tokenizer import train_tokenizer
+from aligntok.train.tokenizer_config import TokenizerTrainConfig
 from conftest import slow_fixture
 
 

@@ -8,16 +8,7 @@ import pytest
 import torch
 from torch import Tensor, nn
 
-from aligntok import assets
-from aligntok.losses import (
-    PerceptualLoss,
-    VFLoss,
-    adaptive_gan_weight,
-    generator_loss,
-    hinge_d_loss,
-    kl_loss,
-    semantic_preservation_loss,
-)
+from aligntok import assets, losses
 from aligntok.models.discriminator import DiscriminatorConfig, PatchDiscriminator
 from aligntok.models.encoders import EncoderConfig, build_encoder
 
@@ -26,10 +17,10 @@ def test_hinge_and_generator_losses_on_hand_values():
     real = torch.tensor([2.0, 0.5, -1.0])  # relu(1 - real) = 0, 0.5, 2 -> mean 2.5 / 3
     fake = torch.tensor([[-2.0, 0.0], [1.0, -0.5]])  # relu(1 + fake) = 0, 1, 2, 0.5 -> mean 3.5 / 4
     expected = 0.5 * (2.5 / 3 + 3.5 / 4)
-    assert hinge_d_loss(real, fake).item() == pytest.approx(expected)
-    assert generator_loss(fake).item() == pytest.approx(-(-2.0 + 0.0 + 1.0 - 0.5) / 4)
+    assert losses.hinge_d_loss(real, fake).item() == pytest.approx(expected)
+    assert losses.generator_loss(fake).item() == pytest.approx(-(-2.0 + 0.0 + 1.0 - 0.5) / 4)
     # A perfect discriminator (margins met) has zero loss.
-    assert hinge_d_loss(torch.full((4,), 1.5), torch.full((4,), -1.5)).item() == 0.0
+    assert losses.hinge_d_loss(torch.full((4,), 1.5), torch.full((4,), -1.5)).item() == 0.0
 
 
 def test_adaptive_gan_weight_is_the_detached_gradient_norm_ratio():
@@ -42,7 +33,7 @@ def test_adaptive_gan_weight_is_the_detached_gradient_norm_ratio():
     g = -(out * torch.tensor([0.3, -2.0])).mean()  # a generator loss that depends on the same output
     base = 0.5
 
-    weight = adaptive_gan_weight(rec, g, decoder.weight, base=base)
+    weight = losses.adaptive_gan_weight(rec, g, decoder.weight, base=base)
 
     # By hand: d rec / dW = sign(out - t)^T z / (5 * 2); d g / dW = -c^T z / (5 * 2) with c per column.
     d_rec = torch.sign(out - target).detach().T @ z / 10
@@ -59,47 +50,49 @@ def test_adaptive_gan_weight_is_clamped():
     w = nn.Parameter(torch.ones(2))
     rec = (w * 5.0).sum()
     g = (w * 0.0).sum()  # no gradient: the raw ratio would be 5 * sqrt(2) / 1e-4, about 7e4
-    assert adaptive_gan_weight(rec, g, w, base=2.0).item() == pytest.approx(2.0 * 1e4)
-    assert adaptive_gan_weight(rec, g, w, base=2.0, max_weight=3.0).item() == pytest.approx(6.0)
+    assert losses.adaptive_gan_weight(rec, g, w, base=2.0).item() == pytest.approx(2.0 * 1e4)
+    assert losses.adaptive_gan_weight(rec, g, w, base=2.0, max_weight=3.0).item() == pytest.approx(6.0)
 
 
 def test_semantic_preservation_loss():
     g = torch.Generator().manual_seed(0)
     z = torch.randn(2, 4, 3, 3, generator=g, requires_grad=True)
     for kind in ("l2", "cosine"):
-        assert semantic_preservation_loss(z, z.detach().clone(), kind=kind).item() == pytest.approx(
+        assert losses.semantic_preservation_loss(z, z.detach().clone(), kind=kind).item() == pytest.approx(
             0, abs=1e-6
         )
     other = torch.randn(2, 4, 3, 3, generator=g)
-    l2 = semantic_preservation_loss(z, other, kind="l2")
+    l2 = losses.semantic_preservation_loss(z, other, kind="l2")
     assert l2.item() == pytest.approx(((z - other) ** 2).mean().item()) and l2.item() > 0
     # Cosine: blind to each token's length, and 1 - cos by hand on one flipped token.
     scale = torch.rand(2, 1, 3, 3, generator=g) + 0.5
-    assert semantic_preservation_loss(z * scale, z.detach(), kind="cosine").item() == pytest.approx(
+    assert losses.semantic_preservation_loss(z * scale, z.detach(), kind="cosine").item() == pytest.approx(
         0, abs=1e-6
     )
     flipped = z.detach().clone()
     flipped[0, :, 1, 2] *= -1  # one of the 18 tokens points the other way: 1 - cos = 2
-    assert semantic_preservation_loss(z, flipped, kind="cosine").item() == pytest.approx(2 / 18, abs=1e-6)
+    assert losses.semantic_preservation_loss(z, flipped, kind="cosine").item() == pytest.approx(
+        2 / 18, abs=1e-6
+    )
     # Gradients reach z only.
     l2.backward()
     assert z.grad is not None and z.grad.abs().sum() > 0
     with pytest.raises(ValueError, match="kind='l1'"):
-        semantic_preservation_loss(z, other, kind="l1")
+        losses.semantic_preservation_loss(z, other, kind="l1")
     with pytest.raises(ValueError, match="one shape"):
-        semantic_preservation_loss(z, other[:, :2])
+        losses.semantic_preservation_loss(z, other[:, :2])
 
 
 def test_kl_loss_closed_form():
     zeros = torch.zeros(3, 4, 2, 2)
-    assert kl_loss(zeros, zeros).item() == 0.0
+    assert losses.kl_loss(zeros, zeros).item() == 0.0
     # One scalar latent: KL(N(mu, s^2) || N(0, 1)) = log(1 / s) + (s^2 + mu^2) / 2 - 1 / 2.
     mu, s = 0.7, 0.4
     expected = math.log(1 / s) + (s**2 + mu**2) / 2 - 0.5
-    got = kl_loss(torch.full((1, 1, 1, 1), mu), torch.full((1, 1, 1, 1), 2 * math.log(s)))
+    got = losses.kl_loss(torch.full((1, 1, 1, 1), mu), torch.full((1, 1, 1, 1), 2 * math.log(s)))
     assert got.item() == pytest.approx(expected, rel=1e-5)
     # Summed over latent dims, averaged over the batch: 2 images of 3 such dims each give 3x.
-    many = kl_loss(torch.full((2, 3, 1, 1), mu), torch.full((2, 3, 1, 1), 2 * math.log(s)))
+    many = losses.kl_loss(torch.full((2, 3, 1, 1), mu), torch.full((2, 3, 1, 1), 2 * math.log(s)))
     assert many.item() == pytest.approx(3 * expected, rel=1e-5)
 
 
@@ -115,8 +108,8 @@ class FixedFeatures(nn.Module):
         return self.feats.expand(len(images), -1, -1, -1)
 
 
-def _identity_vf(feats: Tensor, margins: tuple[float, float]) -> VFLoss:
-    vf = VFLoss(feats.shape[1], FixedFeatures(feats), margins=margins)
+def _identity_vf(feats: Tensor, margins: tuple[float, float]) -> losses.VFLoss:
+    vf = losses.VFLoss(feats.shape[1], FixedFeatures(feats), margins=margins)
     with torch.no_grad():
         vf.projection.weight.copy_(torch.eye(feats.shape[1])[:, :, None, None])
     return vf
@@ -151,14 +144,14 @@ def test_vf_loss_margins_on_hand_values():
     assert l_mcos.item() == pytest.approx(0.2 / 2, abs=1e-6)
     assert l_mdms.item() == pytest.approx(0.0, abs=1e-6)
     with pytest.raises(ValueError, match="margins"):
-        VFLoss(2, FixedFeatures(feats), margins=(-0.1, 0.25))
+        losses.VFLoss(2, FixedFeatures(feats), margins=(-0.1, 0.25))
 
 
 def test_vf_loss_with_an_encoder_resizes_features_and_trains_only_the_projection():
     torch.manual_seed(0)
     arch = {"ch": 32, "ch_mult": [1, 1], "num_res_blocks": 1, "out_dim": 8}
     encoder = build_encoder(EncoderConfig(name="cnn", arch=arch, pretrained=False))  # stride 2: 8x8 at 16 px
-    vf = VFLoss(4, encoder).train()
+    vf = losses.VFLoss(4, encoder).train()
     assert not encoder.training and vf.margins == (0.5, 0.25)
     z = torch.randn(2, 4, 4, 4, requires_grad=True)  # a 4x4 latent grid: features are pooled onto it
     l_mcos, l_mdms = vf(z, torch.rand(2, 3, 16, 16))
@@ -217,7 +210,7 @@ def test_perceptual_loss_mean_of_lpips_and_gradients():
         pytest.skip("asset lpips-vgg16 not fetched; run `aligntok assets fetch lpips-vgg16`")
     from aligntok.models.lpips import LPIPS
 
-    loss = PerceptualLoss().train()
+    loss = losses.PerceptualLoss().train()
     assert not loss.lpips.training and not any(p.requires_grad for p in loss.parameters())
     g = torch.Generator().manual_seed(0)
     y = torch.rand(2, 3, 32, 32, generator=g)

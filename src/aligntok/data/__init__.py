@@ -80,6 +80,22 @@ def fetch_dataset(name: str, *, force: bool = False) -> Path:
     return target
 
 
+def check_dataset(spec: str | Path) -> None:
+    """Refuse, with one line saying what to do, a dataset `build_dataset` could not open: a name that is not
+    prepared, or a path that is not a folder. Cheap: commands call it before they write anything."""
+    name = str(spec)
+    if name in DATASETS:
+        if not is_prepared(name):
+            raise ValueError(
+                f"dataset {name!r} is not prepared in {dataset_dir(name)}; run `aligntok data fetch {name}`"
+            )
+    elif not Path(name).expanduser().is_dir():
+        raise ValueError(
+            f"{name!r} is neither a dataset name ({', '.join(DATASETS)}) nor a folder of images "
+            "(one subfolder per class, or images directly) or of shards (`aligntok data shards`)"
+        )
+
+
 def build_dataset(
     spec: str | Path, *, split: str = "train", resolution: int, base_only: bool = False
 ) -> ImageDataset | ShardDataset:
@@ -91,19 +107,11 @@ def build_dataset(
     """
     check_split(split)
     check_resolution(resolution)
+    check_dataset(spec)
     name = str(spec)
     if name in DATASETS:
-        if not is_prepared(name):
-            raise ValueError(
-                f"dataset {name!r} is not prepared in {dataset_dir(name)}; run `aligntok data fetch {name}`"
-            )
         return DATASETS[name].load(dataset_dir(name), split=split, resolution=resolution, base_only=base_only)
     path = Path(name).expanduser()
-    if not path.is_dir():
-        raise ValueError(
-            f"{name!r} is neither a dataset name ({', '.join(DATASETS)}) nor a folder of images "
-            "(one subfolder per class, or images directly) or of shards (`aligntok data shards`)"
-        )
     if is_shard_folder(path):
         return ShardDataset(path, resolution=resolution, split=split)
     return ImageFolderDataset(path, resolution=resolution, split=split)

@@ -1,8 +1,9 @@
 """Shared image utilities and the dataset base classes.
 
 Every dataset yields the same item: {"image": float32 (3, H, W) in [0, 1], "label": int, "caption": str,
-"style": int, "index": int}. Transparent images are composited on white (emoji are drawn for a white
-page); resizing is PIL's, LANCZOS when shrinking and BICUBIC when enlarging.
+"style": int, "index": int}. Every decoded image, whatever its PIL mode, becomes 8-bit RGB in one place,
+`to_rgb` (its docstring has the rule per mode); transparent images are composited on white (emoji are
+drawn for a white page); resizing is PIL's, LANCZOS when shrinking and BICUBIC when enlarging.
 """
 
 from __future__ import annotations
@@ -36,21 +37,118 @@ def check_resolution(resolution: int) -> int:
     return resolution
 
 
+# Modes whose samples are wider than 8 bits, read with numpy and rescaled (see `to_rgb`).
+_WIDE = frozenset({"I", "I;16", "I;16L", "I;16B", "I;16N", "F"})
+# Modes with an alpha channel, composited on white; RGBa and La hold premultiplied colour.
+_ALPHA = frozenset({"RGBA", "LA", "PA"})
+_PREMULTIPLIED = frozenset({"RGBa", "La"})
+# CIE XYZ (D50, the white point of PIL's LAB, as of ICC profiles) to linear sRGB, Bradford-adapted to D65.
+_D50 = (0.96422, 1.0, 0.82521)
+_XYZ50_TO_SRGB = np.array(
+    [
+        [3.1338561, -1.6168667, -0.4906146],
+        [-0.9787684, 1.9161415, 0.0334540],
+        [0.0719453, -0.2289914, 1.4052427],
+    ]
+)
+
+
+def _round_uint8(x: np.ndarray) -> np.ndarray:
+    """Values on the 0..255 scale, rounded half up and clipped, as uint8."""
+    return np.clip(np.floor(x + 0.5), 0, 255).astype(np.uint8)
+
+
+def _wide_to_uint8(img: Image.Image) -> np.ndarray:
+    """A one-channel image of mode I, I;16* or F as uint8 (H, W), by the rule in `to_rgb`'s docstring."""
+    arr = np.asarray(img)
+    data = arr.astype(np.float64)
+    finite = np.isfinite(data)
+    values = data[finite]
+    lo, hi = (float(values.min()), float(values.max())) if values.size else (0.0, 0.0)
+    if img.mode == "F" and lo >= 0.0 and hi <= 1.0:
+        lo, hi = 0.0, 1.0
+    else:
+        top = 255.0 if img.mode == "F" else 65535.0
+        lo, hi = min(lo, 0.0), max(hi, top)
+    out = _round_uint8((np.where(finite, data, lo) - lo) * (255.0 / (hi - lo)))
+    out[data == np.inf] = 255
+    key = img.info.get("transparency")
+    if isinstance(key, (int, float)) and not isinstance(key, bool):  # a tRNS colour key: that value is clear
+        out[arr == key] = 255
+    return out
+
+
+def _lab_to_rgb(lab: np.ndarray) -> np.ndarray:
+    """PIL LAB pixels (H, W, 3) uint8 (L* scaled to 0..255; a*, b* signed bytes) as sRGB uint8 (H, W, 3).
+
+    CIE formulas rather than PIL's LittleCMS transform, which turns a neutral gray slightly coloured
+    (L*=0 gives (1, 0, 1)): here a* = b* = 0 gives R = G = B exactly."""
+    lightness = lab[..., 0].astype(np.float64) * (100.0 / 255.0)
+    a = lab[..., 1].view(np.int8).astype(np.float64)
+    b = lab[..., 2].view(np.int8).astype(np.float64)
+    fy = (lightness + 16.0) / 116.0
+
+    def inverse(f: np.ndarray) -> np.ndarray:
+        return np.where(f > 6.0 / 29.0, f**3, 3.0 * (6.0 / 29.0) ** 2 * (f - 4.0 / 29.0))
+
+    y = inverse(fy)
+    # Linear RGB as gray Y plus the matrix times the offset from the neutral colour of the same Y: the
+    # offset is exactly zero for a* = b* = 0, so grays come out with three equal channels.
+    dx = _D50[0] * inverse(fy + a / 500.0) - _D50[0] * y
+    dz = _D50[2] * inverse(fy - b / 200.0) - _D50[2] * y
+    linear = y[..., None] + dx[..., None] * _XYZ50_TO_SRGB[:, 0] + dz[..., None] * _XYZ50_TO_SRGB[:, 2]
+    linear = np.clip(linear, 0.0, 1.0)
+    srgb = np.where(linear <= 0.0031308, 12.92 * linear, 1.055 * linear ** (1.0 / 2.4) - 0.055)
+    return _round_uint8(srgb * 255.0)
+
+
+def _premultiplied_on_white(img: Image.Image) -> Image.Image:
+    """An RGBa or La image (colour already multiplied by alpha) over white: colour + 255 - alpha."""
+    arr = np.asarray(img).astype(np.int32)
+    out = np.clip(arr[..., :-1] + 255 - arr[..., -1:], 0, 255).astype(np.uint8)  # (H, W, 3) or (H, W, 1)
+    return Image.fromarray(np.ascontiguousarray(np.broadcast_to(out, (*out.shape[:2], 3))), "RGB")
+
+
 def to_rgb(img: Image.Image) -> Image.Image:
-    """`img` as 8-bit RGB; any transparency (RGBA, LA, palette with a transparent index) over white."""
-    if img.mode == "P" and "transparency" in img.info:
-        img = img.convert("RGBA")
-    if img.mode in ("RGBA", "LA", "PA", "RGBa", "La"):
+    """`img`, of any PIL mode, as 8-bit RGB (the same size). The rule per mode:
+
+    - RGB, L, 1 (0 or 255), P without transparency, CMYK, YCbCr, HSV, RGBX: PIL's own conversion.
+    - RGBA, LA, PA, and P, L, RGB or 1 with transparency (a tRNS key or an RGBA palette): composited on
+      white by PIL's alpha_composite, colour * a + 255 * (1 - a) rounded to nearest; RGBa and La
+      (premultiplied) likewise, as colour + 255 - alpha.
+    - I;16, I;16L, I;16B, I;16N (16-bit): v / 257, rounded (0 -> 0, 65535 -> 255); with I and F, a
+      transparency key (a PNG tRNS value) makes the pixels of that value white.
+    - I (32-bit signed): the 16-bit scale (v / 257) when every value lies in 0..65535 (16-bit PNGs and
+      TIFFs decode to it); otherwise the range [min(0, lowest), max(65535, highest)] maps linearly to 0..255.
+    - F (32-bit float): read as 0..1 when every finite value lies in [0, 1] (v * 255, rounded), otherwise
+      on PIL's 0..255 scale, widened as for I to [min(0, lowest), max(255, highest)]; NaN is black,
+      +inf white, -inf black.
+    - LAB: CIE L*a*b* (D50, as PIL's LAB) to sRGB by the CIE formulas; a* = b* = 0 stays exactly gray.
+    A gray image (one channel, or a neutral colour) gives R = G = B. Anything else PIL can convert is
+    converted by PIL; a mode it cannot convert is a ValueError naming it.
+    """
+    mode, info = img.mode, img.info
+    if mode in _WIDE:
+        return Image.fromarray(_wide_to_uint8(img), "L").convert("RGB")
+    if mode == "LAB":
+        return Image.fromarray(_lab_to_rgb(np.asarray(img)), "RGB")
+    if mode in _PREMULTIPLIED:
+        return _premultiplied_on_white(img)
+    palette_alpha = mode == "P" and img.palette is not None and img.palette.mode == "RGBA"
+    if mode in _ALPHA or palette_alpha or ("transparency" in info and mode in ("P", "L", "RGB", "1")):
         rgba = img.convert("RGBA")
         white = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
         return Image.alpha_composite(white, rgba).convert("RGB")
-    if img.mode == "RGB":
+    if mode == "RGB":
         return img
-    return img.convert("RGB")
+    try:
+        return img.convert("RGB")
+    except ValueError as e:
+        raise ValueError(f"cannot convert an image of PIL mode {mode!r} to RGB ({e})") from None
 
 
 def load_image(source: str | Path | bytes) -> Image.Image:
-    """Decode a file (or its bytes) fully into RGB, transparency on white; PIL errors pass through."""
+    """Decode a file (or its bytes) fully into 8-bit RGB by `to_rgb`; PIL errors pass through."""
     with Image.open(io.BytesIO(source) if isinstance(source, bytes) else source) as img:
         img.load()
         return to_rgb(img)
@@ -84,7 +182,10 @@ def center_crop_adm(img: Image.Image, resolution: int) -> Image.Image:
 
 
 def pil_to_uint8(img: Image.Image) -> torch.Tensor:
-    """An RGB or L PIL image as a uint8 tensor (C, H, W)."""
+    """A PIL image as a uint8 tensor (C, H, W): an L image (without transparency) as one channel, any
+    other mode as RGB by `to_rgb`."""
+    if img.mode != "L" or "transparency" in img.info:
+        img = to_rgb(img)
     arr = np.asarray(img, dtype=np.uint8)
     arr = arr[:, :, None] if arr.ndim == 2 else arr
     return torch.from_numpy(arr.transpose(2, 0, 1).copy())

@@ -30,12 +30,15 @@ from tqdm.auto import tqdm
 from aligntok import distributed
 from aligntok.assets import atomic_file
 from aligntok.checkpoint import export_hash
-from aligntok.data import build_dataset
+from aligntok.config import differences
+from aligntok.data import build_dataset, check_dataset
 from aligntok.data.shards import ShardDataset
 from aligntok.files import write_json
 from aligntok.models.tokenizer import Tokenizer
+from aligntok.rundir import run_lock
 
 META = "meta.json"
+INPUTS = "inputs.json"
 
 
 def _shard_path(out: Path, i: int) -> Path:
@@ -55,16 +58,71 @@ def build_cache(
     num_workers: int = 0,
     bf16: bool = False,
 ) -> Path:
-    """Encode `data` with the tokenizer exported at `tokenizer_dir` into a latent cache at `out`."""
-    out = Path(out)
-    world = distributed.init()
+    """Encode `data` with the tokenizer exported at `tokenizer_dir` into a latent cache at `out`.
+
+    The request (tokenizer export hash, data, split, flip, shard size) is written to `out/inputs.json`
+    before the first shard; a rerun on the same `out` continues only the same request and refuses any
+    other with one line saying what differs, whether the cache is finished or not."""
+    distributed.init()
+    check_dataset(data)
     tok_hash = export_hash(tokenizer_dir)
-    if (out / META).exists():
+    inputs = {"tokenizer_hash": tok_hash, "data": _data_id(data), "split": split, "flip": flip}
+    inputs["shard_size"] = shard_size
+    with run_lock(out) as out:
+        if _check_inputs(out, inputs):
+            distributed.print0(f"latent cache complete at {out}")
+            return out
+        return _encode_all(
+            tokenizer_dir, data, out, inputs, batch_size=batch_size, num_workers=num_workers, bf16=bf16
+        )
+
+
+def _data_id(data: str) -> str:
+    """A dataset as the cache records it: a name, or an existing folder's absolute path."""
+    path = Path(data).expanduser()
+    return str(path.resolve()) if path.exists() else str(data)
+
+
+def _check_inputs(out: Path, inputs: dict[str, Any]) -> bool:
+    """True when `out` holds the finished cache of `inputs`; refuses a cache, finished or not, of another
+    request. Records `inputs` in a fresh directory."""
+    recorded = json.loads((out / INPUTS).read_text()) if (out / INPUTS).is_file() else None
+    if recorded is None and (out / META).is_file():  # written before inputs.json existed: its meta says
         meta = json.loads((out / META).read_text())
-        if meta["tokenizer"]["hash"] != tok_hash:
-            raise ValueError(f"{out} already holds latents of another tokenizer; choose a new --out")
-        distributed.print0(f"latent cache complete at {out}")
-        return out
+        recorded = {"tokenizer_hash": meta["tokenizer"]["hash"], "data": _data_id(meta["data"])}
+        recorded |= {"split": meta["split"], "flip": meta["flip"], "shard_size": inputs["shard_size"]}
+    if recorded is None:
+        if any(out.glob("shard-*.safetensors")):
+            raise ValueError(
+                f"{out} holds latent shards of unknown origin (no {INPUTS}); delete it or choose a new --out"
+            )
+        if distributed.world().is_main:
+            write_json(inputs, out / INPUTS)
+        distributed.barrier()
+        return False
+    differs = differences(recorded, inputs)
+    if differs:
+        raise ValueError(
+            f"{out} holds latents of another request (differs in: {', '.join(differs)}); rerun with the "
+            "tokenizer export, data, split, flip and shard size it was made with, or choose a new --out"
+        )
+    return (out / META).is_file()
+
+
+@torch.no_grad()
+def _encode_all(
+    tokenizer_dir: str | Path,
+    data: str,
+    out: Path,
+    inputs: dict[str, Any],
+    *,
+    batch_size: int,
+    num_workers: int,
+    bf16: bool,
+) -> Path:
+    """Encode every shard `out` does not hold yet, then write meta.json (a collective)."""
+    world = distributed.world()
+    split, flip, shard_size = inputs["split"], inputs["flip"], inputs["shard_size"]
     tokenizer = Tokenizer.from_pretrained(tokenizer_dir).to(world.device).eval()
     dataset = build_dataset(data, split=split, resolution=tokenizer.config.image_size)
     if isinstance(dataset, ShardDataset):  # streamed: latent shard i holds input shard i
@@ -78,7 +136,6 @@ def build_cache(
         def part(i: int) -> Subset:
             return Subset(dataset, range(i * shard_size, min(len(dataset), (i + 1) * shard_size)))
 
-    out.mkdir(parents=True, exist_ok=True)
     todo = [i for i in range(world.rank, num_shards, world.world_size) if not _shard_path(out, i).exists()]
     bar = tqdm(total=len(todo), desc="encoding shards", disable=not world.is_main)
     for i in todo:
@@ -103,7 +160,7 @@ def build_cache(
         out,
         num_shards=num_shards,
         tokenizer_dir=Path(tokenizer_dir),
-        tok_hash=tok_hash,
+        tok_hash=inputs["tokenizer_hash"],
         data=data,
         split=split,
         flip=flip,

@@ -7,6 +7,7 @@ import hashlib
 import json
 import re
 import warnings
+import zipfile
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -141,9 +142,22 @@ def reference_features(
     return _cached(key, compute, model=model, bf16=bf16)
 
 
+def open_npz(path: str | Path) -> np.lib.npyio.NpzFile:
+    """`np.load` of an .npz given by a user, refusing what is not one (numpy would call a non-zip file
+    "pickled data") and never unpickling (allow_pickle stays False)."""
+    if not zipfile.is_zipfile(path):
+        raise FIDError(
+            f"{path} is not an .npz file (not a zip archive); pass the samples.npz of a run or an ADM batch"
+        )
+    try:
+        return np.load(path, allow_pickle=False)
+    except (OSError, ValueError) as e:
+        raise FIDError(f"{path} is not a readable .npz file ({e})") from None
+
+
 def npz_images(path: str | Path) -> np.ndarray | None:
     """The uint8 (N, H, W, 3) images under `arr_0` of an ADM-format .npz, or None when it has none."""
-    with np.load(path) as f:
+    with open_npz(path) as f:
         if "arr_0" not in f:
             return None
         images = f["arr_0"]
@@ -208,7 +222,7 @@ def load_reference(
     if p.suffix == ".npz":
         if not p.is_file():
             raise FIDError(f"reference {p} does not exist; pass an ADM .npz or a dataset name/folder")
-        with np.load(p) as f:
+        with open_npz(p) as f:
             stats = Stats(f["mu"], f["sigma"]) if "mu" in f and "sigma" in f else None
             shape = f["arr_0"].shape if "arr_0" in f else None
         if stats is None and shape is None:

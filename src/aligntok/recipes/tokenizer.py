@@ -13,7 +13,7 @@ from dataclasses import dataclass
 from aligntok.models.decoder import DecoderConfig
 from aligntok.models.encoders import EncoderConfig
 from aligntok.models.tokenizer import TokenizerConfig
-from aligntok.train.tokenizer import StageConfig, TokenizerTrainConfig
+from aligntok.train.tokenizer_config import StageConfig, TokenizerTrainConfig
 
 # Architecture of DINOv2 ViT-L/14 as a `transformers` Dinov2Config. The preset asks for pretrained weights
 # but names no folder (they cannot be fetched offline here), so building it as is fails with a message

@@ -15,8 +15,9 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from aligntok import distributed
-from aligntok.checkpoint import load_training_tensors, read_training_state, save_training_state
-from aligntok.config import to_dict
+from aligntok.assets import atomic_file
+from aligntok.checkpoint import STATE_JSON, TrainingState, latest_checkpoint, save_training_state
+from aligntok.config import differences, to_dict
 
 
 class EMA:
@@ -52,6 +53,50 @@ class EMA:
         if missing:
             raise ValueError(f"EMA state does not match the model (keys differ: {sorted(missing)[:5]} ...)")
         self.shadow = {k: v.clone().float() for k, v in state.items()}
+
+
+class SpikeGuard:
+    """Detects NaN/inf losses and gradients, and (with a `factor`) spikes: a loss above `factor` times its
+    running mean. The trainers skip such a step (no optimizer, EMA or discriminator update) and count it;
+    more than `max_skips` in a row stop the run."""
+
+    def __init__(self, factor: float | None, max_skips: int) -> None:
+        self.factor, self.max_skips = factor, max_skips
+        self.mean: float | None = None
+        self.skips = 0
+        self.total_skips = 0
+
+    def is_bad(self, loss: float, grad_norm: float = 0.0) -> bool:
+        spike = self.factor is not None and self.mean is not None and loss > self.factor * self.mean
+        bad = not math.isfinite(loss) or not math.isfinite(grad_norm) or spike
+        if bad:
+            self.skips += 1
+            self.total_skips += 1
+        else:
+            self.skips = 0
+            self.mean = loss if self.mean is None else 0.99 * self.mean + 0.01 * loss
+        return bad
+
+    @property
+    def exhausted(self) -> bool:
+        """More bad steps in a row than allowed: the run must stop."""
+        return self.skips > self.max_skips
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"mean": self.mean, "skips": self.skips, "total_skips": self.total_skips}
+
+    def load_state_dict(self, s: dict[str, Any]) -> None:
+        self.mean, self.skips, self.total_skips = s["mean"], s["skips"], s["total_skips"]
+
+
+def last_good(ckpt_dir: Path) -> str:
+    """How an error message names the checkpoint a stopped run can resume from."""
+    last = latest_checkpoint(ckpt_dir)
+    return (
+        f"its last good checkpoint is {last}"
+        if last is not None
+        else f"no checkpoint was saved yet in {ckpt_dir}"
+    )
 
 
 def lr_factor(step: int, *, warmup: int, total: int, schedule: str) -> float:
@@ -99,8 +144,12 @@ class StepBatchSampler(torch.utils.data.Sampler[list[int]]):
 def check_resume_config(saved: dict[str, Any], cfg: Any, path: Path) -> None:
     """Refuse to resume a run made with another config; `parallel` (how it runs, not what) may differ."""
     now = {k: v for k, v in to_dict(cfg).items() if k != "parallel"}
-    if {k: v for k, v in saved.items() if k != "parallel"} != now:
-        raise ValueError(f"{path} was made with another config; resume with the same recipe/--set")
+    differs = differences({k: v for k, v in saved.items() if k != "parallel"}, now)
+    if differs:
+        raise ValueError(
+            f"{path} was made with another config (differs in: {', '.join(differs[:6])}); resume with the "
+            "same recipe/--set, or start a new --out"
+        )
 
 
 def save_checkpoint(
@@ -123,12 +172,22 @@ def load_checkpoint(
     path: Path, *, cfg: Any, tensors: dict[str, Any], generator: torch.Generator
 ) -> dict[str, Any]:
     """Resume from the state `save_checkpoint` wrote at `path`: refuse another config, fill `tensors` in
-    place, restore the RNG states and `generator`; returns the scalars (e.g. `state["step"]`)."""
-    state = read_training_state(path)
+    place, restore the RNG states and `generator`; returns the scalars (e.g. `state["step"]`). The state is
+    verified once, before anything in it is read (`TrainingState`)."""
+    saved = TrainingState(path)
+    state = saved.scalars()
+    missing = sorted({"config", "step", "rng", "generator", "world_size"} - set(state))
+    if missing or not isinstance(state["config"], dict):
+        raise ValueError(f"{path}: {STATE_JSON} is not a trainer's state; delete {path.parent} to restart")
     check_resume_config(state["config"], cfg, path)
-    load_training_tensors(path, tensors)
-    set_rng_state(state["rng"])
-    generator.set_state(state["generator"])
+    saved.load_tensors(tensors)
+    try:
+        set_rng_state(state["rng"])
+        generator.set_state(state["generator"])
+    except (KeyError, TypeError, ValueError, RuntimeError) as e:
+        raise ValueError(
+            f"{path}: its RNG states cannot be restored ({type(e).__name__}); delete {path.parent} to restart"
+        ) from None
     return state
 
 
@@ -140,7 +199,8 @@ def seed_everything(seed: int) -> None:
 
 
 def rng_state() -> dict[str, Any]:
-    # numpy's state holds an ndarray; store it as a tensor so the checkpoint loads with weights_only=True.
+    """Every global RNG state: numbers (state.json) and tensors (state.safetensors), no pickled object.
+    numpy's keys (an ndarray) become an int64 tensor; Python's state is numbers (tuples, saved as lists)."""
     kind, keys, pos, has_gauss, gauss = np.random.get_state()
     return {
         "python": random.getstate(),
@@ -151,7 +211,9 @@ def rng_state() -> dict[str, Any]:
 
 
 def set_rng_state(state: dict[str, Any]) -> None:
-    random.setstate(state["python"])
+    """Restore what `rng_state` gave, also after a trip through JSON (lists for tuples)."""
+    version, internal, gauss_next = state["python"]
+    random.setstate((version, tuple(internal), gauss_next))
     kind, keys, pos, has_gauss, gauss = state["numpy"]
     np.random.set_state((kind, keys.numpy().astype(np.uint32), pos, has_gauss, gauss))
     torch.set_rng_state(state["torch"])
@@ -165,6 +227,17 @@ class JsonlLog:
     def __init__(self, path: Path) -> None:
         self.path = path
         self.start = time.time()
+
+    def truncate_after(self, step: int) -> None:
+        """Drop the records of steps after `step`: a run resumed from its checkpoint at `step` redoes them,
+        and each step is logged once."""
+        if not distributed.world().is_main or not self.path.exists():
+            return
+        rows = read_log(self.path)
+        kept = [r for r in rows if r.get("step", 0) <= step]
+        if len(kept) != len(rows):
+            with atomic_file(self.path) as tmp:
+                tmp.write_text("".join(json.dumps(r) + "\n" for r in kept))
 
     def write(self, **record: Any) -> None:
         if not distributed.world().is_main:

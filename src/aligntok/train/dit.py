@@ -8,7 +8,6 @@ export of the EMA weights. Exact resume, on any number of ranks: the data order 
 
 from __future__ import annotations
 
-import math
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -18,15 +17,18 @@ import torch
 
 from aligntok import distributed, flow
 from aligntok.checkpoint import latest_checkpoint, module_state, set_module_state
-from aligntok.config import save_json
+from aligntok.config import check_ranges, save_json
 from aligntok.data.latents import LatentCache
 from aligntok.exports import save_dit
 from aligntok.models.dit import DiT, dit_preset
 from aligntok.parallelize import ParallelConfig, full_grad_norm, full_state, parallelize
+from aligntok.rundir import run_lock
 from aligntok.train.common import (
     EMA,
     JsonlLog,
+    SpikeGuard,
     batch_indices,
+    last_good,
     load_checkpoint,
     lr_factor,
     progress,
@@ -63,37 +65,21 @@ class DiTTrainConfig:
     max_consecutive_skips: int = 20
     parallel: ParallelConfig = field(default_factory=ParallelConfig)
 
+    def __post_init__(self) -> None:
+        check_ranges(
+            self,
+            positive=("steps", "batch_size", "grad_clip", "t_std", "log_every", "ckpt_every", "spike_factor"),
+            non_negative=("lr", "weight_decay", "warmup_steps", "cosine_weight", "max_consecutive_skips"),
+            probability=("ema_decay", "label_dropout"),
+        )
+        if not all(0 <= b < 1 for b in self.betas):
+            raise ValueError(f"DiTTrainConfig.betas={self.betas} must lie in [0, 1)")
+
 
 def build_dit(cfg: DiTTrainConfig, *, latent_shape: list[int], num_classes: int) -> DiT:
     c, h, _ = latent_shape
     config = dit_preset(cfg.model, in_channels=c, input_size=h, num_classes=num_classes, qk_norm=cfg.qk_norm)
     return DiT(config)
-
-
-class SpikeGuard:
-    """Detects NaN/inf losses and spikes (loss > factor x running mean) before the optimizer step."""
-
-    def __init__(self, factor: float, max_skips: int) -> None:
-        self.factor, self.max_skips = factor, max_skips
-        self.mean: float | None = None
-        self.skips = 0
-        self.total_skips = 0
-
-    def is_bad(self, loss: float) -> bool:
-        bad = not math.isfinite(loss) or (self.mean is not None and loss > self.factor * self.mean)
-        if bad:
-            self.skips += 1
-            self.total_skips += 1
-        else:
-            self.skips = 0
-            self.mean = loss if self.mean is None else 0.99 * self.mean + 0.01 * loss
-        return bad
-
-    def state_dict(self) -> dict[str, Any]:
-        return {"mean": self.mean, "skips": self.skips, "total_skips": self.total_skips}
-
-    def load_state_dict(self, s: dict[str, Any]) -> None:
-        self.mean, self.skips, self.total_skips = s["mean"], s["skips"], s["total_skips"]
 
 
 def draw_step_noise(
@@ -144,18 +130,17 @@ def _optimizer_step(
     ckpt_dir: Path,
 ) -> tuple[float, torch.Tensor, bool]:
     """Backward, clipping, and the optimizer and EMA step unless the spike guard rejects the global batch's
-    loss; returns (loss, grad norm, skipped). Every rank takes the same decision."""
+    loss or a non-finite gradient; returns (loss, grad norm, skipped). Every rank takes the same decision."""
     opt.zero_grad(set_to_none=True)
     loss.backward()
     grad_norm = full_grad_norm(torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip))
     loss_value = distributed.all_reduce_mean(loss).item()
-    if guard.is_bad(loss_value) or not math.isfinite(grad_norm.item()):
-        msg = f"loss {loss_value:.4g} at step {step} is NaN/inf or above {cfg.spike_factor}x its running mean"
-        msg += f" {guard.mean}"
-        if cfg.on_spike == "stop" or guard.skips > guard.max_skips:
+    if guard.is_bad(loss_value, grad_norm.item()):
+        if cfg.on_spike == "stop" or guard.exhausted:
             raise RuntimeError(
-                f"{msg}; training stopped. Resume from {ckpt_dir} with a lower lr, "
-                "--set qk_norm=true or bf16=false"
+                f"step {step}: loss {loss_value:.4g} or its gradient is NaN/inf, or the loss is above "
+                f"{cfg.spike_factor}x its running mean {guard.mean} ({guard.skips} in a row); training "
+                f"stopped, {last_good(ckpt_dir)}: resume it with a lower lr, --set qk_norm=true or bf16=false"
             )
         opt.zero_grad(set_to_none=True)
         return loss_value, grad_norm, True
@@ -164,18 +149,45 @@ def _optimizer_step(
     return loss_value, grad_norm, False
 
 
+def cache_identity(cache: LatentCache) -> dict[str, Any]:
+    """What a DiT run records of its latents, and what a resume must find again."""
+    meta = cache.meta
+    keys = ("data", "split", "flip", "num_shards", "latent_shape")
+    return {"tokenizer_hash": meta["tokenizer"]["hash"], **{k: meta[k] for k in keys}, "items": len(cache)}
+
+
+def _check_same_latents(saved: dict[str, Any] | None, cache: LatentCache, last: Path) -> None:
+    now = cache_identity(cache)
+    if saved != now:
+        differs = sorted(k for k in now if (saved or {}).get(k) != now[k])
+        raise ValueError(
+            f"{last} was trained on other latents than {cache.path} (differs in: {', '.join(differs)}); "
+            "resume with the --latents it was started with, or start a new --out"
+        )
+
+
 def train_dit(cfg: DiTTrainConfig, *, latents: str | Path, out: str | Path, resume: bool = False) -> Path:
     """Train a DiT on a latent cache; returns the export directory. Under torchrun each rank trains on its
-    slice of every global batch (see `draw_step_noise`)."""
-    out = Path(out)
+    slice of every global batch (see `draw_step_noise`). Everything is checked before the run directory is
+    written: the cache, the resume state (same config, same latents), then `config.json`."""
     world = distributed.init()
     if cfg.batch_size % world.world_size:
         raise ValueError(f"batch_size {cfg.batch_size} must divide by the {world.world_size} ranks")
+    cache = LatentCache.load(latents)
+    if cfg.batch_size > len(cache):
+        raise ValueError(
+            f"batch_size {cfg.batch_size} exceeds the {len(cache)} latents of {latents}; lower it"
+        )
+    with run_lock(out) as out:
+        return _train_dit(cfg, cache, out, resume=resume)
+
+
+def _train_dit(cfg: DiTTrainConfig, cache: LatentCache, out: Path, *, resume: bool) -> Path:
+    world = distributed.world()
     ckpt_dir = out / "checkpoints"
     last = latest_checkpoint(ckpt_dir)
     if last is not None and not resume:
         raise ValueError(f"{out} already holds a run; pass --resume to continue it or choose a new --out")
-    cache = LatentCache.load(latents)
     device = world.device
     seed_everything(cfg.seed)
     model = build_dit(cfg, latent_shape=cache.meta["latent_shape"], num_classes=cache.num_classes).to(device)
@@ -185,19 +197,20 @@ def train_dit(cfg: DiTTrainConfig, *, latents: str | Path, out: str | Path, resu
     guard = SpikeGuard(cfg.spike_factor, cfg.max_consecutive_skips)
     gen = torch.Generator(device).manual_seed(cfg.seed * 7919)  # the same on every rank: draw_step_noise
     step = 0
-    if world.is_main:
-        out.mkdir(parents=True, exist_ok=True)
-        save_json(cfg, out / "config.json")
     if resume and last is not None:
         tensors = {"dit": module_state(model, opt), "ema": ema.shadow}
         state = load_checkpoint(last, cfg=cfg, tensors=tensors, generator=gen)
+        _check_same_latents(state.get("latents"), cache, last)
         set_module_state(model, opt, tensors["dit"])
         guard.load_state_dict(state["guard"])
         step = state["step"]
         distributed.print0(
             f"resumed {out} at step {step} ({last.name}, saved on {state['world_size']} ranks)"
         )
+    if world.is_main:
+        save_json(cfg, out / "config.json")  # the run is accepted: its config is the one on disk
     log = JsonlLog(out / "log.jsonl")
+    log.truncate_after(step)
     bar = progress(cfg.steps, step, "dit")
     model.train()
     t0, seen = time.time(), 0
@@ -232,7 +245,8 @@ def train_dit(cfg: DiTTrainConfig, *, latents: str | Path, out: str | Path, resu
             bar.set_postfix(loss=f"{loss_value:.4f}")
         if step % cfg.ckpt_every == 0 or step == cfg.steps:
             tensors = {"dit": module_state(model, opt), "ema": ema.shadow}
-            save_checkpoint(ckpt_dir, step, cfg=cfg, tensors=tensors, generator=gen, guard=guard.state_dict())
+            extra = {"guard": guard.state_dict(), "latents": cache_identity(cache)}
+            save_checkpoint(ckpt_dir, step, cfg=cfg, tensors=tensors, generator=gen, **extra)
         if step in cfg.keep_checkpoints:
             export_dit(model, ema, cfg, cache, kept_export(out, step))
     bar.close()

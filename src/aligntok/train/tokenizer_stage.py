@@ -1,0 +1,257 @@
+"""One tokenizer stage's modules and losses, as the training loop in `aligntok.train.tokenizer` uses them:
+the autoencoder the generator's optimizer trains, the discriminator and its hinge update, the frozen
+targets (LPIPS, the L_sp reference, the VF encoder), the loss terms, and the plain copy that is validated
+and exported."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch import Tensor, nn
+
+from aligntok import distributed
+from aligntok.checkpoint import module_state
+from aligntok.files import make_grid, save_image, to_uint8
+from aligntok.losses import (
+    PerceptualLoss,
+    VFLoss,
+    adaptive_gan_weight,
+    generator_loss,
+    hinge_d_loss,
+    kl_loss,
+    semantic_preservation_loss,
+)
+from aligntok.metrics.reconstruction import psnr
+from aligntok.models.discriminator import PatchDiscriminator
+from aligntok.models.encoders import build_encoder
+from aligntok.models.tokenizer import Tokenizer
+from aligntok.parallelize import full_grad_norm, full_state, parallelize
+from aligntok.train.common import EMA, SpikeGuard, last_good, seed_everything
+from aligntok.train.tokenizer_config import GROUPS, StageConfig, TokenizerTrainConfig
+
+
+class Autoencoder(nn.Module):
+    """What the generator's optimizer trains, run as ONE module call per step so that DDP/FSDP2 hooks see
+    it: images (+ posterior noise) -> latent, reconstruction, and the VF terms (VA-VAE's projection trains).
+    """
+
+    def __init__(self, tokenizer: Tokenizer, vf: VFLoss | None) -> None:
+        super().__init__()
+        self.tokenizer = tokenizer
+        self.vf = vf
+
+    def forward(self, images: Tensor, noise: Tensor | None) -> dict[str, Tensor]:
+        out: dict[str, Tensor] = {}
+        if self.tokenizer.config.posterior == "gaussian":
+            mean, logvar = self.tokenizer.encode_posterior(images)
+            z = mean + noise * (0.5 * logvar).exp()
+            out["mean"], out["logvar"] = mean, logvar
+        else:
+            z = self.tokenizer.encode(images)
+        out["z"], out["recon"] = z, self.tokenizer.decode(z)
+        if self.vf is not None:
+            out["vf_cos"], out["vf_dm"] = self.vf(z.float(), images)
+        return out
+
+
+@dataclass
+class Stage:
+    """Everything one stage trains and measures with, built in a fixed order (the order fixes the RNG draws
+    of the initialisations, so a resumed run rebuilds the very same modules)."""
+
+    config: StageConfig
+    tokenizer: Tokenizer
+    autoencoder: Autoencoder  # tokenizer + VF projection: what the generator's optimizer trains
+    train_ae: nn.Module  # `autoencoder` as `parallelize` wrapped it
+    opt: torch.optim.Optimizer
+    base_lrs: list[float]
+    trained: list[nn.Parameter]
+    perceptual: PerceptualLoss | None
+    disc: PatchDiscriminator | None
+    train_disc: nn.Module | None
+    opt_d: torch.optim.Optimizer | None
+    ema: EMA | None
+    reference: Tokenizer | None  # the frozen stage-1 tokenizer of L_sp
+    generator: torch.Generator  # the same on every rank (see `_posterior_noise`)
+
+    def tensors(self) -> dict[str, dict]:
+        """What a checkpoint of this stage holds."""
+        parts = {"autoencoder": module_state(self.autoencoder, self.opt)}
+        if self.disc is not None:
+            parts["disc"] = module_state(self.disc, self.opt_d)
+        if self.ema is not None:
+            parts["ema"] = self.ema.shadow
+        return parts
+
+
+def build_stage(
+    cfg: TokenizerTrainConfig,
+    stage: StageConfig,
+    initial: Callable[[], Tokenizer],
+    reference: Callable[[], Tokenizer],
+) -> Stage:
+    """The modules of `stage`, built after seeding in a fixed order: the tokenizer from `initial()`, ...,
+    and last the frozen stage-1 tokenizer of L_sp from `reference()` when the stage has an L_sp."""
+    device = distributed.device()
+    seed_everything(cfg.seed)
+    tokenizer = initial().to(device)
+    tokenizer.set_trainable(**{g: g in stage.train for g in GROUPS})
+    vf = None
+    if stage.vf_weight > 0:
+        assert cfg.vf_encoder is not None
+        vf_encoder = build_encoder(cfg.vf_encoder).to(device).eval().requires_grad_(False)
+        vf = VFLoss(tokenizer.config.latent_channels, vf_encoder, margins=cfg.vf_margins).to(device)
+    autoencoder = Autoencoder(tokenizer, vf)
+    train_ae = parallelize(autoencoder, cfg.parallel, bf16=cfg.bf16)
+    groups = tokenizer.param_groups()  # after parallelize: FSDP2 has replaced them by shards
+    param_groups = [
+        {"params": groups[g], "lr": (stage.encoder_lr or stage.lr) if g == "encoder" else stage.lr, "name": g}
+        for g in stage.train
+    ]
+    if vf is not None:
+        param_groups.append({"params": list(vf.projection.parameters()), "lr": stage.lr, "name": "vf"})
+    opt = torch.optim.AdamW(param_groups, betas=cfg.betas, weight_decay=cfg.weight_decay)
+    perceptual = PerceptualLoss(net=cfg.lpips_net).to(device) if stage.lpips_weight > 0 else None
+    disc = PatchDiscriminator(cfg.disc).to(device) if stage.gan_weight > 0 else None
+    return Stage(
+        config=stage,
+        tokenizer=tokenizer,
+        autoencoder=autoencoder,
+        train_ae=train_ae,
+        opt=opt,
+        base_lrs=[g["lr"] for g in param_groups],
+        trained=[p for g in param_groups for p in g["params"]],
+        perceptual=perceptual,
+        disc=disc,
+        train_disc=parallelize(disc, cfg.parallel, bf16=cfg.bf16) if disc is not None else None,
+        opt_d=discriminator_optimizer(cfg, disc) if disc is not None else None,
+        ema=EMA(tokenizer, stage.ema_decay) if stage.ema_decay else None,
+        # Frozen target networks (L_sp reference, LPIPS, the VF encoder) are replicated, never wrapped.
+        reference=reference().to(device) if stage.sp_weight > 0 else None,
+        generator=torch.Generator(device).manual_seed(cfg.seed * 7919),
+    )
+
+
+def posterior_noise(parts: Stage, cfg: TokenizerTrainConfig) -> Tensor | None:
+    """This rank's slice of the global batch's posterior noise (VAE baselines), None for AlignTok's
+    deterministic latent. Every rank draws the whole batch from the shared generator and keeps its slice, so
+    a run is one function of its seed on any number of ranks (as in train/dit.py, draw_step_noise)."""
+    if parts.tokenizer.config.posterior != "gaussian":
+        return None
+    world = distributed.world()
+    shape = (cfg.batch_size, *parts.tokenizer.latent_shape)
+    return torch.randn(shape, generator=parts.generator, device=world.device).chunk(world.world_size)[
+        world.rank
+    ]
+
+
+def stage_losses(
+    parts: Stage, cfg: TokenizerTrainConfig, images: Tensor, noise: Tensor | None, *, gan_on: bool
+) -> tuple[Tensor, Tensor, dict[str, Tensor]]:
+    """The generator's total loss, the reconstruction (its GAN-free part) and every term on its own."""
+    stage = parts.config
+    losses: dict[str, Tensor] = {}
+    with distributed.autocast(cfg.bf16):
+        outputs = parts.train_ae(images, noise)
+        z, recon = outputs["z"], outputs["recon"]
+        if stage.kl_weight > 0:
+            # Per image pixel value: LDM's KL weight (1e-6) is relative to a reconstruction loss SUMMED over
+            # pixels, ours are means: divide by 3 * H * W to keep its meaning.
+            kl = kl_loss(outputs["mean"].float(), outputs["logvar"].float())
+            losses["kl"] = kl / images[0].numel()
+        losses["l1"] = (recon.float() - images).abs().mean()
+        if parts.perceptual is not None:
+            losses["lpips"] = parts.perceptual(recon.float(), images)
+        if parts.reference is not None:
+            with torch.no_grad():
+                z_ref = parts.reference.encode(images)
+            losses["sp"] = semantic_preservation_loss(z.float(), z_ref.float(), kind=stage.sp_kind)
+        if "vf_cos" in outputs:
+            losses["vf_cos"], losses["vf_dm"] = outputs["vf_cos"], outputs["vf_dm"]
+    rec = stage.l1_weight * losses["l1"] + stage.lpips_weight * losses.get("lpips", 0.0)
+    total = rec + stage.sp_weight * losses.get("sp", 0.0) + stage.kl_weight * losses.get("kl", 0.0)
+    total = total + stage.vf_weight * (losses.get("vf_cos", 0.0) + losses.get("vf_dm", 0.0))
+    if gan_on:
+        assert parts.train_disc is not None
+        # D's parameters get gradients here too (one code path for every parallel mode: a frozen flag would
+        # not reach FSDP2's unsharded copies); they are cleared before D's own step.
+        with distributed.autocast(cfg.bf16):
+            losses["g"] = generator_loss(parts.train_disc(recon).float())
+        # Under FSDP2 the root group (decoder.conv_out is in it) stays unsharded from forward to backward,
+        # so this is the very parameter the graph used.
+        weight = adaptive_gan_weight(
+            rec, losses["g"], parts.tokenizer.decoder.last_layer, base=stage.gan_weight
+        )
+        losses["gan_weight"] = weight
+        total = total + weight * losses["g"]
+    return total, recon, losses
+
+
+def optimizer_step(
+    parts: Stage, cfg: TokenizerTrainConfig, guard: SpikeGuard, total: Tensor, *, step: int, ckpt_dir: Path
+) -> tuple[float, Tensor, bool]:
+    """Backward, clipping, and the generator's optimizer and EMA step, unless the global batch's loss or the
+    gradient is non-finite: then the step is skipped (the caller skips the discriminator too) and counted,
+    and too many in a row stop the run. Returns (loss, grad norm, skipped); every rank decides alike."""
+    parts.opt.zero_grad(set_to_none=True)
+    total.backward()
+    grad_norm = full_grad_norm(torch.nn.utils.clip_grad_norm_(parts.trained, cfg.grad_clip))
+    loss_value = distributed.all_reduce_mean(total).item()  # the global batch's: one decision for all
+    if guard.is_bad(loss_value, grad_norm.item()):
+        if guard.exhausted:
+            raise RuntimeError(
+                f"stage {parts.config.name}: loss {loss_value} or its gradient is non-finite at step {step} "
+                f"({guard.skips} steps in a row); {last_good(ckpt_dir)}: resume it with a lower lr or "
+                "bf16=false"
+            )
+        parts.opt.zero_grad(set_to_none=True)
+        return loss_value, grad_norm, True
+    parts.opt.step()
+    if parts.ema is not None:
+        parts.ema.update(parts.tokenizer, step)
+    return loss_value, grad_norm, False
+
+
+def discriminator_optimizer(cfg: TokenizerTrainConfig, disc: nn.Module) -> torch.optim.Optimizer:
+    return torch.optim.AdamW(disc.parameters(), lr=cfg.disc_lr, betas=cfg.betas)
+
+
+def discriminator_step(
+    cfg: TokenizerTrainConfig, disc: nn.Module, opt_d: torch.optim.Optimizer, real: Tensor, fake: Tensor
+) -> Tensor:
+    """One hinge-loss update of the discriminator `disc` (the module or its parallel wrapper, which yields
+    the same parameters) on a batch of real and (detached) fake images; returns the loss."""
+    with distributed.autocast(cfg.bf16):
+        # Real and fake in one call (GroupNorm: each sample is normalised alone), one forward per backward
+        # as DDP expects.
+        logits = disc(torch.cat([real, fake])).float()
+        loss = hinge_d_loss(*logits.chunk(2))
+    opt_d.zero_grad(set_to_none=True)
+    loss.backward()
+    torch.nn.utils.clip_grad_norm_(disc.parameters(), cfg.grad_clip)
+    opt_d.step()
+    return loss
+
+
+def gathered_copy(tokenizer: Tokenizer, ema: EMA | None) -> Tokenizer | None:
+    """On rank 0, a plain (unsharded, unwrapped) copy of the tokenizer with the EMA weights where a stage
+    keeps them; None elsewhere. A collective under FSDP: every rank calls it."""
+    state = full_state(ema.state_dict() if ema is not None else tokenizer.state_dict())
+    if not distributed.world().is_main:
+        return None
+    copy = Tokenizer(tokenizer.export_config())  # no weights folder read
+    copy.load_state_dict(state)
+    return copy.to(distributed.device())
+
+
+@torch.no_grad()
+def validate(model: Tokenizer, images: Tensor, path: Path) -> float:
+    """PSNR on the fixed validation batch, and a grid of originals over reconstructions."""
+    model.eval()
+    recon = model.decode(model.encode(images)).clamp(0, 1)
+    grid = make_grid(to_uint8(torch.cat([images, recon])), nrow=len(images))
+    save_image(grid, path, scale=max(1, 128 // images.shape[-1]))
+    return psnr(recon, images).mean().item()  # clamped; +inf only for a perfect reconstruction
