@@ -204,3 +204,35 @@ def test_balanced_labels(num: int, classes: int) -> None:
     assert set(counts.tolist()) <= {num // classes, num // classes + 1}
     if num >= 2 * classes:
         assert not torch.equal(labels, labels.sort().values)  # shuffled
+
+
+def test_sample_config_checks_and_records_every_setting() -> None:
+    from aligntok.cli import build_parser
+    from aligntok.sampling import SampleConfig
+
+    cfg = SampleConfig(
+        steps=12, sampler="heun", cfg_scale=4.0, interval=(0, 0.9), shift=2.5, seed=3, bf16=True
+    )
+    assert cfg.interval == (0.0, 0.9)
+    assert cfg.record() == {
+        "steps": 12, "cfg": 4.0, "interval": [0.0, 0.9], "sampler": "heun", "shift": 2.5, "seed": 3,
+        "bf16": True,
+    }  # fmt: skip
+    # The flags it prints are the ones `aligntok sample` parses back into the same settings.
+    args = build_parser().parse_args(
+        ["sample", "--dit", "d", "--num", "1", "--out", "o", *" ".join(cfg.cli_args()).split()]
+    )
+    again = SampleConfig(
+        steps=args.steps, sampler=args.sampler, cfg_scale=args.cfg, interval=tuple(args.interval),
+        shift=args.shift, seed=args.seed, bf16=args.bf16,
+    )  # fmt: skip
+    assert again == cfg
+    for bad in (
+        {"steps": 0},
+        {"sampler": "ddim"},
+        {"cfg_scale": -1.0},
+        {"shift": 0.0},
+        {"interval": (0.5, 0.2)},
+    ):
+        with pytest.raises(ValueError):
+            SampleConfig(**bad)
