@@ -48,33 +48,52 @@ def generator_loss(logits_fake: Tensor) -> Tensor:
     return -logits_fake.mean()
 
 
-def adaptive_gan_weight(
-    rec_loss: Tensor, g_loss: Tensor, last_layer: Tensor, *, base: float, max_weight: float = 1e4
+def adaptive_weight(
+    rec_loss: Tensor, loss: Tensor, last_layer: Tensor, *, base: float, max_weight: float = 1e4
 ) -> Tensor:
-    """The taming-transformers / LDM adaptive weight of the GAN term (Esser et al. 2021, eq. 7):
+    """The weight of a loss term that balances its gradient against the reconstruction's at one layer L:
 
-        lambda = base * clamp(||grad_L rec_loss|| / (||grad_L g_loss|| + 1e-4), 0, max_weight)
+        lambda = base * clamp(||grad_L rec_loss|| / (||grad_L loss|| + 1e-4), 0, max_weight)
 
-    at the decoder's last layer L (`tokenizer.decoder.last_layer`). So the GAN gradient reaching the
-    decoder output is `base` times the reconstruction gradient, whatever the two losses' scales. Both
-    gradients are taken with `retain_graph=True`, so the caller's later `backward()` still works; the weight
-    is detached (a coefficient, not something to optimise). Under data parallelism each rank's losses are
+    So the term's gradient reaching L is `base` times the reconstruction gradient, whatever the two losses'
+    scales. Two uses: the GAN term at the decoder's last layer (`tokenizer.decoder.last_layer`; the
+    taming-transformers / LDM rule, Esser et al. 2021, eq. 7) and VA-VAE's vision-foundation terms at the
+    layer that outputs the latent (`tokenizer.adapter.last_layer`; Yao et al. 2025, their
+    `calculate_adaptive_weight_vf`, which clamps at 1e8 where we keep one clamp for both). Both gradients
+    are taken with `retain_graph=True`, so the caller's later `backward()` still works; the weight is
+    detached (a coefficient, not something to optimise). Under data parallelism each rank's losses are
     means over its slice of the batch, so the global batch's gradients are the means over ranks.
     """
     (rec_grad,) = torch.autograd.grad(rec_loss, last_layer, retain_graph=True)
-    (g_grad,) = torch.autograd.grad(g_loss, last_layer, retain_graph=True)
-    rec_grad, g_grad = distributed.all_reduce_mean(rec_grad), distributed.all_reduce_mean(g_grad)
-    weight = rec_grad.float().norm() / (g_grad.float().norm() + 1e-4)
+    (grad,) = torch.autograd.grad(loss, last_layer, retain_graph=True)
+    rec_grad, grad = distributed.all_reduce_mean(rec_grad), distributed.all_reduce_mean(grad)
+    weight = rec_grad.float().norm() / (grad.float().norm() + 1e-4)
     return (weight.clamp(0.0, max_weight) * base).detach()
 
 
-def semantic_preservation_loss(z: Tensor, z_ref: Tensor, *, kind: Literal["l2", "cosine"] = "l2") -> Tensor:
+SP_KINDS = ("l2", "l2_norm", "cosine")
+
+
+def semantic_preservation_loss(
+    z: Tensor,
+    z_ref: Tensor,
+    *,
+    kind: Literal["l2", "l2_norm", "cosine"] = "l2",
+    variance: Tensor | None = None,
+) -> Tensor:
     """L_sp of stage 2 (docs/method.md): distance of the latent z (after the adapter) to the frozen stage-1
     tokenizer's latent z_ref, both (B, C, h, w).
 
-    "l2": mean squared error over all elements (the paper's L2). "cosine": mean over the B*h*w tokens of
-    1 - cos(z, z_ref) along the channel dim (the paper reports it works about as well); it ignores each
-    token's length. z_ref is a target: no gradient reaches it.
+    - "l2": mean squared error over all elements (the paper's L2). Its scale is the latent's, which stage 1
+      leaves wherever its adapter put it (there is no KL), so a given w_sp means different things for
+      different tokenizers.
+    - "l2_norm": the squared error of each channel divided by that channel's `variance` (C,) in the
+      reference latents, then the mean: mean_c MSE_c / var_c. The same for latents scaled by any s (z, z_ref
+      and the variance by s, s, s^2), so w_sp = 1 weighs one unit of the stage-1 latent's own variance.
+    - "cosine": mean over the B*h*w tokens of 1 - cos(z, z_ref) along the channel dim (the paper reports it
+      works about as well); it ignores each token's length.
+
+    z_ref is a target: no gradient reaches it.
     """
     if z.shape != z_ref.shape:
         raise ValueError(
@@ -84,9 +103,17 @@ def semantic_preservation_loss(z: Tensor, z_ref: Tensor, *, kind: Literal["l2", 
     z_ref = z_ref.detach()
     if kind == "l2":
         return F.mse_loss(z, z_ref)
+    if kind == "l2_norm":
+        if variance is None or variance.shape != z.shape[1:2]:
+            got = None if variance is None else tuple(variance.shape)
+            raise ValueError(
+                "semantic preservation kind='l2_norm' needs the reference latents' (positive) per-channel "
+                f"variance of shape ({z.shape[1]},), got {got}"
+            )
+        return ((z - z_ref).square() / variance.detach().to(z)[:, None, None]).mean()
     if kind == "cosine":
         return (1.0 - F.cosine_similarity(z, z_ref, dim=1)).mean()
-    raise ValueError(f"semantic preservation kind={kind!r}; use 'l2' or 'cosine'")
+    raise ValueError(f"semantic preservation kind={kind!r}; use one of {', '.join(map(repr, SP_KINDS))}")
 
 
 def kl_loss(mean: Tensor, logvar: Tensor) -> Tensor:
@@ -153,10 +180,11 @@ class VFLoss(nn.Module):
 
 
 __all__ = [
+    "SP_KINDS",
     "VF_MARGINS",
     "PerceptualLoss",
     "VFLoss",
-    "adaptive_gan_weight",
+    "adaptive_weight",
     "generator_loss",
     "hinge_d_loss",
     "kl_loss",

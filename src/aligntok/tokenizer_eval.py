@@ -26,7 +26,7 @@ from aligntok.data.images import ImageDataset
 from aligntok.exports import load_tokenizer
 from aligntok.files import write_json
 from aligntok.metrics.reconstruction import eval_indices, reconstruction_metrics
-from aligntok.metrics.semantics import cknna, knn_accuracy, linear_probe
+from aligntok.metrics.semantics import CKNNA_MIN_ITEMS, cknna, cknna_centered_mask, knn_accuracy, linear_probe
 from aligntok.models.encoders import Encoder, EncoderConfig, build_encoder
 from aligntok.models.tokenizer import Tokenizer, TokenizerConfig
 
@@ -95,7 +95,8 @@ def semantic_metrics(
     seed: int = 0,
     reference: EncoderConfig | None = None,
 ) -> dict[str, Any]:
-    """Linear probe and k-NN (trained on `train` latents, scored on `test`), CKNNA on `test`.
+    """Linear probe and k-NN (trained on `train` latents, scored on `test`), CKNNA on `test`: `cknna` (Huh et
+    al.'s) and, beside it, `cknna_centered_mask` (our earlier estimator, docs/metrics.md).
 
     Latents are the normalised ones the DiT sees; CKNNA compares them, flattened, with the flattened
     features of `reference_encoder(config, reference)` on the same `test` images, at k = 10 (capped at
@@ -115,6 +116,8 @@ def semantic_metrics(
     probe = linear_probe(z_tr, y_tr, z_te, y_te, num_classes=num_classes, seed=seed)
     knn = knn_accuracy(z_tr, y_tr, z_te, y_te, k=KNN_K)
     k = min(CKNNA_K, len(te_idx) - 1)
+    ok = len(te_idx) >= CKNNA_MIN_ITEMS
+    f_te = f_te.to(device)
     return {
         "probe_accuracy": probe["accuracy"],
         "probe_balanced": probe["balanced_accuracy"],
@@ -122,7 +125,9 @@ def semantic_metrics(
         "knn_accuracy": knn["accuracy"],
         "knn_balanced": knn["balanced_accuracy"],
         "knn_k": knn["k"],
-        "cknna": cknna(z_te, f_te.to(device), k=k) if k >= 1 else float("nan"),
+        # Huh et al.'s CKNNA, and beside it our earlier estimator (the "cknna" of records made before it).
+        "cknna": cknna(z_te, f_te, k=k) if ok else float("nan"),
+        "cknna_centered_mask": cknna_centered_mask(z_te, f_te, k=k) if ok else float("nan"),
         "cknna_k": k,
         "num_train_images": len(tr_idx),
         "num_test_images": len(te_idx),
@@ -134,9 +139,13 @@ def tokenizer_metrics(
     tokenizer_dir: str | Path, data: str | Path, *, num: int | None, bf16: bool, out: Path
 ) -> dict[str, Any]:
     """`evaluate_tokenizer`'s result at `out`, computed (and written there by it) only when `out` is missing:
-    the resumable step of the demo and the reproduction study."""
+    the resumable step of the demo and the reproduction study. A record whose "cknna" is the earlier
+    masked-centred estimator (it has no "cknna_centered_mask") is measured again, not mixed with new ones."""
     if out.is_file():
-        return json.loads(out.read_text())
+        record = json.loads(out.read_text())
+        if "cknna" not in record or "cknna_centered_mask" in record:
+            return record
+        warnings.warn(f"{out} holds the earlier CKNNA estimator under 'cknna': measuring again", stacklevel=2)
     return evaluate_tokenizer(tokenizer_dir, data, num=num, bf16=bf16, out=out)
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import shutil
 from pathlib import Path
 
 import pytest
@@ -10,13 +11,14 @@ import torch
 
 from aligntok.cli import main
 from aligntok.config import apply_overrides, from_dict, to_dict
+from aligntok.data import build_dataset
 from aligntok.models.encoders import build_encoder
 from aligntok.models.tokenizer import Tokenizer
 from aligntok.recipes.tokenizer import tokenizer_train_recipe, tokenizer_train_recipes
 from aligntok.train import tokenizer_stage as tok_train
 from aligntok.train.common import read_log
-from aligntok.train.tokenizer import train_tokenizer
-from aligntok.train.tokenizer_config import TokenizerTrainConfig
+from aligntok.train.tokenizer import kept_stage_export, train_tokenizer
+from aligntok.train.tokenizer_config import StageConfig, TokenizerTrainConfig
 from conftest import slow_fixture
 
 
@@ -150,3 +152,137 @@ def test_every_recipe_builds_and_stage_selection_is_checked(tmp_path) -> None:
         tokenizer_train_recipe("emoji-lora")
     with pytest.raises(ValueError, match="--set data="):
         train_tokenizer(tokenizer_train_recipe("paper"), out=tmp_path / "p")
+
+
+def test_l2_norm_variance_is_the_stage_1_latents_and_draws_no_random_number(run: Path, image_folder) -> None:
+    cfg = apply_overrides(tokenizer_train_recipe("debug"), [f"data={image_folder}"])
+    reference = Tokenizer.from_pretrained(run / "stage-1" / "export")
+    rng = torch.get_rng_state()
+    moments = tok_train.channel_moments(reference, cfg, cfg.sp_stats_batches)
+    assert torch.equal(torch.get_rng_state(), rng)
+    ds = build_dataset(image_folder, split="train", resolution=cfg.model.image_size)
+    with torch.no_grad():
+        z = reference.encode(torch.stack([ds[i]["image"] for i in range(len(ds))])).double()
+    assert moments.count == z.shape[0] * z.shape[2] * z.shape[3]
+    torch.testing.assert_close(moments.mean_std()[1] ** 2, z.var(dim=(0, 2, 3), unbiased=False))
+
+
+def _stage_2_on_run(run: Path, out: Path, image_folder, *sets: str) -> tuple[TokenizerTrainConfig, Path]:
+    """Stage 2 of the debug recipe (with `sets`) in `out`, on the `run` fixture's stage 1."""
+    shutil.copytree(run / "stage-1", out / "stage-1")
+    cfg = apply_overrides(tokenizer_train_recipe("debug"), [f"data={image_folder}", *sets])
+    return cfg, train_tokenizer(cfg, out=out, stage="2")
+
+
+@pytest.mark.slow
+def test_l2_norm_stage_trains_and_keeps_exports(tmp_path, run: Path, image_folder) -> None:
+    sets = ("stages.1.sp_kind=l2_norm", "stages.1.keep_exports=[2,4]")
+    cfg, export = _stage_2_on_run(run, tmp_path / "l2norm", image_folder, *sets)
+    log = [r for r in read_log(tmp_path / "l2norm" / "stage-2" / "log.jsonl") if "sp" in r]
+    assert log[0]["step"] == 1 and log[0]["sp"] == 0.0
+    assert all(0 < r["sp"] < float("inf") for r in log[1:])
+    # Step 1 is the default run's step 1 (L_sp and its gradient are 0 there): nothing else moved.
+    default = [r for r in read_log(run / "stage-2" / "log.jsonl") if "sp" in r]
+    assert log[0]["loss"] == default[0]["loss"] and log[1]["l1"] == default[1]["l1"]
+    final = json.loads((export / "config.json").read_text())["meta"]
+    assert "keep_exports" not in final["inputs"]["stages"][1]  # where a stage keeps exports changes nothing
+    for step in (2, 4):
+        kept = kept_stage_export(tmp_path / "l2norm", cfg.stages[1], step)
+        assert kept == tmp_path / "l2norm" / "stage-2" / "exports" / f"step-{step:07d}"
+        meta = json.loads((kept / "config.json").read_text())["meta"]
+        assert (meta["step"], meta["steps"], meta["stage"]) == (step, 4, "2")
+        # Constant lr: the inputs of the same stage `step` steps long.
+        want = json.loads(json.dumps(final["inputs"]))
+        want["stages"][1]["steps"] = step
+        assert meta["inputs"] == want
+        # The last step's kept export is the stage's export (the EMA of stage 2); an earlier one is not.
+        assert _same(_weights(kept), _weights(export)) == (step == 4)
+    assert [p.name for p in sorted((tmp_path / "l2norm" / "stage-2" / "exports").iterdir())] == [
+        "step-0000002",
+        "step-0000004",
+    ]
+    # ... and it is: a 2-step stage 2 ends with the very weights kept at step 2 of the 4-step one.
+    _, short = _stage_2_on_run(
+        run, tmp_path / "short", image_folder, "stages.1.sp_kind=l2_norm", "stages.1.steps=2"
+    )
+    assert _same(_weights(short), _weights(kept_stage_export(tmp_path / "l2norm", cfg.stages[1], 2)))
+    # So a run asking for that shorter stage takes the kept export as its stage 2 and trains nothing.
+    reuse = tmp_path / "reuse" / "stage-2"
+    shutil.copytree(kept_stage_export(tmp_path / "l2norm", cfg.stages[1], 2), reuse / "export")
+    _stage_2_on_run(run, tmp_path / "reuse", image_folder, "stages.1.sp_kind=l2_norm", "stages.1.steps=2")
+    assert not (reuse / "log.jsonl").exists()
+
+
+def _weights(export: Path) -> dict[str, torch.Tensor]:
+    return Tokenizer.from_pretrained(export).state_dict()
+
+
+def _adaptive_vavae(image_folder, *sets: str) -> TokenizerTrainConfig:
+    sets = (f"data={image_folder}", "stages.0.vf_weight_mode=adaptive", *sets)
+    return apply_overrides(tokenizer_train_recipe("debug-vavae"), list(sets))
+
+
+def test_adaptive_vf_weight_is_the_gradient_norm_ratio_at_the_adapter(image_folder) -> None:
+    cfg = _adaptive_vavae(image_folder)
+    stage = cfg.stages[0]
+    parts = tok_train.build_stage(cfg, stage, lambda: Tokenizer(cfg.model), lambda: None)
+    images = torch.rand(4, 3, 32, 32, generator=torch.Generator().manual_seed(0))
+    noise = tok_train.posterior_noise(parts, cfg)[:4]
+    total, _, terms = tok_train.stage_losses(parts, cfg, images, noise, gan_on=False)
+    # By hand, from a second forward pass (no dropout, GroupNorm: the same outputs).
+    out = parts.autoencoder(images, noise)
+    rec = (out["recon"] - images).abs().mean() + stage.lpips_weight * parts.perceptual(out["recon"], images)
+    vf = out["vf_cos"] + out["vf_dm"]
+    layer = parts.tokenizer.adapter.fc2.weight
+    (d_rec,), (d_vf,) = (torch.autograd.grad(x, layer, retain_graph=True) for x in (rec, vf))
+    weight = stage.vf_weight * d_rec.norm() / (d_vf.norm() + 1e-4)
+    torch.testing.assert_close(terms["vf_weight"], weight)
+    kl = stage.kl_weight * terms["kl"]
+    torch.testing.assert_close(total, rec + kl + weight * vf)
+
+
+@pytest.mark.slow
+def test_adaptive_vf_weight_is_logged_and_varies(tmp_path, image_folder) -> None:
+    cfg = _adaptive_vavae(image_folder, "stages.0.steps=4")
+    train_tokenizer(cfg, out=tmp_path / "vavae")
+    weights = [
+        r["vf_weight"] for r in read_log(tmp_path / "vavae" / "stage-all" / "log.jsonl") if "loss" in r
+    ]
+    assert len(weights) == 4 and all(w > 0 for w in weights) and len(set(weights)) > 1
+
+
+def test_new_stage_options_are_range_checked() -> None:
+    base = {"name": "2", "steps": 4, "train": ("encoder", "adapter", "decoder")}
+    assert StageConfig(**base, sp_kind="l2_norm", keep_exports=[1, 4]).keep_exports == (1, 4)
+    for bad, match in (
+        ({"sp_kind": "l1"}, "sp_kind='l1'"),
+        ({"vf_weight_mode": "auto"}, "vf_weight_mode='auto'"),
+        ({"keep_exports": (0,)}, "keep_exports"),
+        ({"keep_exports": (5,)}, "1..4"),
+    ):
+        with pytest.raises(ValueError, match=match):
+            StageConfig(**base, **bad)
+    with pytest.raises(ValueError, match="adapter"):
+        StageConfig(**{**base, "train": ("decoder",)}, vf_weight=0.1, vf_weight_mode="adaptive")
+    cfg = tokenizer_train_recipe("debug")
+    with pytest.raises(ValueError, match="sp_stats_batches=0"):
+        apply_overrides(cfg, ["sp_stats_batches=0"])
+    with pytest.raises(ValueError, match="sp_kind"):
+        apply_overrides(cfg, ["stages.1.sp_kind=l3"])
+    assert apply_overrides(cfg, ["stages.1.sp_kind=l2_norm"]).stages[1].sp_kind == "l2_norm"
+
+
+def test_an_export_from_before_an_option_existed_is_reused(tmp_path, run: Path, image_folder) -> None:
+    out = tmp_path / "older"
+    shutil.copytree(run / "stage-1", out / "stage-1")
+    document = json.loads((out / "stage-1" / "export" / "config.json").read_text())
+    inputs = document["meta"]["inputs"]
+    del inputs["sp_stats_batches"], inputs["stages"][0]["vf_weight_mode"]  # as an older aligntok wrote it
+    (out / "stage-1" / "export" / "config.json").write_text(json.dumps(document))
+    cfg = apply_overrides(tokenizer_train_recipe("debug"), [f"data={image_folder}"])
+    log = (out / "stage-1" / "log.jsonl").read_text()
+    train_tokenizer(cfg, out=out, stage="1")  # the new options at their defaults: the same stage
+    assert (out / "stage-1" / "log.jsonl").read_text() == log  # reused, not trained again
+    changed = apply_overrides(cfg, ["stages.0.vf_weight_mode=adaptive"])
+    with pytest.raises(ValueError, match=r"stages\.0\.vf_weight_mode"):
+        train_tokenizer(changed, out=out, stage="1")

@@ -11,6 +11,7 @@ from torch import Tensor, nn
 from aligntok import assets, losses
 from aligntok.models.discriminator import DiscriminatorConfig, PatchDiscriminator
 from aligntok.models.encoders import EncoderConfig, build_encoder
+from aligntok.models.tokenizer import Adapter
 
 
 def test_hinge_and_generator_losses_on_hand_values():
@@ -23,7 +24,7 @@ def test_hinge_and_generator_losses_on_hand_values():
     assert losses.hinge_d_loss(torch.full((4,), 1.5), torch.full((4,), -1.5)).item() == 0.0
 
 
-def test_adaptive_gan_weight_is_the_detached_gradient_norm_ratio():
+def test_adaptive_weight_is_the_detached_gradient_norm_ratio():
     torch.manual_seed(0)
     decoder = nn.Linear(3, 2)  # stands in for the decoder; its weight is the "last layer"
     z = torch.randn(5, 3)
@@ -33,7 +34,7 @@ def test_adaptive_gan_weight_is_the_detached_gradient_norm_ratio():
     g = -(out * torch.tensor([0.3, -2.0])).mean()  # a generator loss that depends on the same output
     base = 0.5
 
-    weight = losses.adaptive_gan_weight(rec, g, decoder.weight, base=base)
+    weight = losses.adaptive_weight(rec, g, decoder.weight, base=base)
 
     # By hand: d rec / dW = sign(out - t)^T z / (5 * 2); d g / dW = -c^T z / (5 * 2) with c per column.
     d_rec = torch.sign(out - target).detach().T @ z / 10
@@ -46,12 +47,12 @@ def test_adaptive_gan_weight_is_the_detached_gradient_norm_ratio():
     torch.testing.assert_close(decoder.weight.grad, d_rec + expected * d_g)
 
 
-def test_adaptive_gan_weight_is_clamped():
+def test_adaptive_weight_is_clamped():
     w = nn.Parameter(torch.ones(2))
     rec = (w * 5.0).sum()
     g = (w * 0.0).sum()  # no gradient: the raw ratio would be 5 * sqrt(2) / 1e-4, about 7e4
-    assert losses.adaptive_gan_weight(rec, g, w, base=2.0).item() == pytest.approx(2.0 * 1e4)
-    assert losses.adaptive_gan_weight(rec, g, w, base=2.0, max_weight=3.0).item() == pytest.approx(6.0)
+    assert losses.adaptive_weight(rec, g, w, base=2.0).item() == pytest.approx(2.0 * 1e4)
+    assert losses.adaptive_weight(rec, g, w, base=2.0, max_weight=3.0).item() == pytest.approx(6.0)
 
 
 def test_semantic_preservation_loss():
@@ -81,6 +82,55 @@ def test_semantic_preservation_loss():
         losses.semantic_preservation_loss(z, other, kind="l1")
     with pytest.raises(ValueError, match="one shape"):
         losses.semantic_preservation_loss(z, other[:, :2])
+
+
+def test_adaptive_vf_weight_at_the_adapter_is_the_gradient_norm_ratio():
+    # VA-VAE's rule on a tiny tokenizer: adapter -> latent z -> a linear "decoder"; the VF-like term pulls z
+    # towards target features. The weight is base * ||d rec / dW|| / (||d vf / dW|| + 1e-4) at the layer
+    # that outputs z.
+    torch.manual_seed(0)
+    adapter = Adapter(dim=5, hidden=6, out=3, act="gelu")
+    assert adapter.last_layer is adapter.fc2.weight
+    feats, images = torch.randn(2, 5, 4, 4), torch.randn(2, 2, 4, 4)
+    z = adapter(feats)  # (2, 3, 4, 4)
+    decoder = nn.Conv2d(3, 2, 1)
+    rec = (decoder(z) - images).abs().mean()
+    vf = (1 - torch.nn.functional.cosine_similarity(z, torch.randn(2, 3, 4, 4), dim=1)).mean()
+    weight = losses.adaptive_weight(rec, vf, adapter.last_layer, base=0.1)
+    (d_rec,) = torch.autograd.grad(rec, adapter.fc2.weight, retain_graph=True)
+    (d_vf,) = torch.autograd.grad(vf, adapter.fc2.weight, retain_graph=True)
+    torch.testing.assert_close(weight, 0.1 * d_rec.norm() / (d_vf.norm() + 1e-4))
+    # The balance it strikes: the weighted VF gradient at that layer is base times the reconstruction's.
+    assert (weight * d_vf).norm().item() == pytest.approx(0.1 * d_rec.norm().item(), rel=1e-3)
+
+
+def test_semantic_preservation_l2_norm_divides_each_channel_by_its_variance():
+    g = torch.Generator().manual_seed(0)
+    z = torch.randn(2, 3, 4, 4, generator=g, requires_grad=True)
+    z_ref = torch.randn(2, 3, 4, 4, generator=g) * torch.tensor([0.1, 1.0, 5.0])[:, None, None]
+    var = torch.tensor([0.01, 1.0, 25.0])
+    loss = losses.semantic_preservation_loss(z, z_ref, kind="l2_norm", variance=var)
+    # By hand: each channel's mean squared error over its variance, then the mean over the channels.
+    by_hand = sum(((z[:, c] - z_ref[:, c]) ** 2).mean() / var[c] for c in range(3)) / 3
+    assert loss.item() == pytest.approx(by_hand.item(), rel=1e-6)
+    # Unit variance: the raw L2.
+    ones = losses.semantic_preservation_loss(z, z_ref, kind="l2_norm", variance=torch.ones(3))
+    assert ones.item() == pytest.approx(losses.semantic_preservation_loss(z, z_ref).item(), rel=1e-6)
+    # Scale-free: latents scaled by s (so their variance by s^2) give the same loss; the raw L2 scales s^2.
+    for s in (1e-3, 7.0):
+        scaled = losses.semantic_preservation_loss(s * z, s * z_ref, kind="l2_norm", variance=s * s * var)
+        assert scaled.item() == pytest.approx(loss.item(), rel=1e-5)
+        raw = losses.semantic_preservation_loss(s * z, s * z_ref, kind="l2")
+        assert raw.item() == pytest.approx(
+            s * s * losses.semantic_preservation_loss(z, z_ref).item(), rel=1e-5
+        )
+    assert losses.semantic_preservation_loss(z, z.detach(), kind="l2_norm", variance=var).item() == 0.0
+    loss.backward()
+    assert z.grad is not None and z.grad.abs().sum() > 0
+    with pytest.raises(ValueError, match="variance of shape \\(3,\\), got None"):
+        losses.semantic_preservation_loss(z, z_ref, kind="l2_norm")
+    with pytest.raises(ValueError, match="got \\(2,\\)"):
+        losses.semantic_preservation_loss(z, z_ref, kind="l2_norm", variance=var[:2])
 
 
 def test_kl_loss_closed_form():

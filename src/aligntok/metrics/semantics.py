@@ -23,6 +23,7 @@ from torch import Tensor
 PROBE_L2 = 1e-3
 PROBE_MAX_ITER = 500  # L-BFGS iterations (full batch); the objective is convex, so this is a budget only
 _STD_EPS = 1e-6  # a feature constant over the training set is centred, not blown up
+CKNNA_MIN_ITEMS = 4  # the unbiased HSIC divides by N (N - 3)
 
 
 def _flat(x: Tensor, name: str, dtype: torch.dtype = torch.float32) -> Tensor:
@@ -157,6 +158,84 @@ def knn_accuracy(
     return {**_scores(torch.cat(preds), yb), "k": k}
 
 
+def _knn_mask(K: Tensor, k: int) -> Tensor:
+    """Boolean (N, N): [i, j] is True when j is among the k most similar items to i (j != i)."""
+    n = K.shape[0]
+    eye = torch.eye(n, dtype=torch.bool, device=K.device)
+    idx = K.masked_fill(eye, float("-inf")).topk(k, dim=1).indices
+    return torch.zeros(n, n, dtype=torch.bool, device=K.device).scatter_(1, idx, True)
+
+
+def _pair(feats_a: Tensor, feats_b: Tensor, k: int, name: str) -> tuple[Tensor, Tensor]:
+    """Both representations flattened to float64 (N, D) on a's device; N and k checked (N >= 4 for HSIC_u)."""
+    a = _flat(feats_a, "feats_a", torch.float64)
+    b = _flat(feats_b, "feats_b", torch.float64).to(a.device)
+    n = a.shape[0]
+    if b.shape[0] != n:
+        raise ValueError(f"{name} needs two representations of the same items, got {n} and {b.shape[0]} rows")
+    if n < CKNNA_MIN_ITEMS:
+        raise ValueError(f"{name} needs N >= {CKNNA_MIN_ITEMS} items (unbiased HSIC), got {n}")
+    if not 1 <= k <= n - 1:
+        raise ValueError(f"{name} needs 1 <= k <= N - 1 = {n - 1}, got k={k}; lower k or pass more items")
+    return a, b
+
+
+def hsic_unbiased(K: Tensor, L: Tensor) -> Tensor:
+    """The unbiased HSIC estimator of Song et al. 2012 (JMLR 13, "Feature selection via dependence
+    maximization", eq. 5) for two (N, N) kernel matrices, N >= 4:
+
+        HSIC_u(K, L) = [tr(K~ L~) + (1^T K~ 1)(1^T L~ 1) / ((N-1)(N-2)) - 2/(N-2) 1^T K~ L~ 1] / (N(N-3)),
+
+    K~, L~ = K, L with their diagonals set to 0. For symmetric kernels it is the U-statistic of HSIC (so no
+    centring matrix: adding a constant to every off-diagonal entry changes nothing). The formula is applied
+    as written to non-symmetric matrices too (the masked kernels of `cknna`). A 0-d tensor of K's dtype.
+    """
+    n = K.shape[0]
+    eye = torch.eye(n, dtype=torch.bool, device=K.device)
+    Kt, Lt = K.masked_fill(eye, 0), L.masked_fill(eye, 0)
+    trace = (Kt * Lt.T).sum()  # tr(K~ L~)
+    sums = Kt.sum() * Lt.sum() / ((n - 1) * (n - 2))
+    cross = Kt.sum(0) @ Lt.sum(1)  # 1^T K~ L~ 1
+    return (trace + sums - 2 * cross / (n - 2)) / (n * (n - 3))
+
+
+@torch.no_grad()
+def cknna(feats_a: Tensor, feats_b: Tensor, *, k: int = 10) -> float:
+    """Centered Kernel Nearest-Neighbor Alignment of two representations of the same N items.
+
+    Huh et al. 2024 ("The Platonic Representation Hypothesis", ICML; appendix, and their released metric,
+    github.com/minyoungg/platonic-rep metrics.py `cknna`, default `unbiased=True`): CKA restricted to pairs
+    that are mutual k-nearest neighbours, each alignment an unbiased HSIC of the masked kernels,
+        K = A A^T, L = B B^T,   A, B = the flattened features with each row scaled to unit L2 norm,
+        a_ij = 1[j in knn_K(i)] * 1[j in knn_L(i)]   (knn_K(i): the k largest K_ij, j != i),
+        align(K, L) = HSIC_u(a * K, a * L)           (`hsic_unbiased`, Song et al. 2012; * elementwise),
+        CKNNA = align(K, L) / sqrt(align_K(K, K) align_L(L, L)),
+    where in the self-terms the mask is each kernel's own neighbourhoods: align_K(K, K) =
+    HSIC_u(m * K, m * K) with m_ij = 1[j in knn_K(i)]. The reference pipeline also normalises rows to unit
+    norm before the kernel (measure_alignment.py); it clips outliers first (a 95% quantile of |x|), which
+    is elementwise and so not rotation invariant: not done here. The value ignores a rotation or an
+    isotropic scaling of either side, not a shift (there is no mean-centring: the kernel is the cosine
+    similarity of the raw rows, as in the reference). 1 for a representation with itself; with
+    k = N - 1 the mask is all ones and it is the unbiased linear CKA of the row-normalised features.
+    Not exactly symmetric in (feats_a, feats_b): the masked kernels are not symmetric matrices, and the
+    1^T K~ L~ 1 term then depends on the order (as in the reference; about 1e-4 apart in the tests).
+    Not bounded by [-1, 1] when k is close to N (the masks then dominate: docs/metrics.md); use N well
+    above k. NaN where a self-term is not positive (the reference gives NaN there too). Needs N >= 4
+    items and 1 <= k <= N - 1; costs O(N^2) memory (float64): pass a few thousand items at most.
+    """
+    a, b = _pair(feats_a, feats_b, k, "cknna")
+    a, b = F.normalize(a, dim=1), F.normalize(b, dim=1)
+    K, L = a @ a.T, b @ b.T
+    mask_k, mask_l = _knn_mask(K, k), _knn_mask(L, k)
+    both = mask_k & mask_l
+    kl = hsic_unbiased(K * both, L * both)
+    kk = hsic_unbiased(K * mask_k, K * mask_k)
+    ll = hsic_unbiased(L * mask_l, L * mask_l)
+    if not (kk > 0 and ll > 0):
+        return float("nan")
+    return float(kl / (kk * ll).sqrt())
+
+
 def _cosine_kernel(x: Tensor) -> Tensor:
     """(N, N) cosine similarities of the mean-centred rows of x (N, D)."""
     x = F.normalize(x - x.mean(0, keepdim=True), dim=1)
@@ -170,35 +249,21 @@ def _center(K: Tensor) -> Tensor:
     return K
 
 
-def _knn_mask(K: Tensor, k: int) -> Tensor:
-    """Boolean (N, N): [i, j] is True when j is among the k most similar items to i (j != i)."""
-    n = K.shape[0]
-    eye = torch.eye(n, dtype=torch.bool, device=K.device)
-    idx = K.masked_fill(eye, float("-inf")).topk(k, dim=1).indices
-    return torch.zeros(n, n, dtype=torch.bool, device=K.device).scatter_(1, idx, True)
-
-
 @torch.no_grad()
-def cknna(feats_a: Tensor, feats_b: Tensor, *, k: int = 10) -> float:
-    """Centered Kernel Nearest-Neighbor Alignment of two representations of the same N items.
+def cknna_centered_mask(feats_a: Tensor, feats_b: Tensor, *, k: int = 10) -> float:
+    """OUR earlier CKNNA estimator, kept under its own name so that records made before `cknna` followed
+    Huh et al. can be compared: NOT comparable with the paper's values (or with `cknna`).
 
-    Huh et al. 2024 ("The Platonic Representation Hypothesis", appendix): CKA restricted to pairs that are
-    mutual k-nearest neighbours in both spaces,
-        align(K, L) = sum_{i != j} a_ij Kc_ij Lc_ij,   a_ij = 1[j in knn_K(i) and j in knn_L(i)],
-        CKNNA = align(K, L) / sqrt(align(K, K) align(L, L)),
-    with Kc = H K H the centred kernels; in align(K, K) the mask is K's own neighbourhoods. The kernel here
-    is the cosine similarity of mean-centred, flattened features (neighbours are the k most similar
-    items), so the value ignores a shift, a rotation or an isotropic scaling of either side. 1 for identical
-    neighbourhoods and kernels, near 0 for unrelated ones; with k = N - 1 it is CKA without the diagonal.
-    Costs O(N^2) memory (float64): pass a few thousand items at most.
+    It masks the double-centred FULL kernels instead of taking the unbiased HSIC of the masked kernels:
+        align(K, L) = sum_{i != j} a_ij Kc_ij Lc_ij,   Kc = H K H, H = I - 11^T / N,
+        CKNNA_cm = align(K, L) / sqrt(align_K(K, K) align_L(L, L)),
+    with the mask a_ij of `cknna` (own neighbourhoods in the self-terms) and K the cosine similarity of
+    mean-centred, flattened features (so it also ignores a shift of either side). Centring the full kernel
+    before masking subtracts means over all pairs, not over the neighbour pairs, and the biased sums carry
+    no correction: it reads above `cknna` (docs/metrics.md, "Semantics", has measured gaps).
+    With k = N - 1 it is biased linear CKA without the diagonal.
     """
-    a = _flat(feats_a, "feats_a", torch.float64)
-    b = _flat(feats_b, "feats_b", torch.float64).to(a.device)
-    n = a.shape[0]
-    if b.shape[0] != n:
-        raise ValueError(f"cknna needs two representations of the same items, got {n} and {b.shape[0]} rows")
-    if not 1 <= k <= n - 1:
-        raise ValueError(f"cknna needs 1 <= k <= N - 1 = {n - 1}, got k={k}; lower k or pass more items")
+    a, b = _pair(feats_a, feats_b, k, "cknna_centered_mask")
     K, L = _cosine_kernel(a), _cosine_kernel(b)
     mask_k, mask_l = _knn_mask(K, k), _knn_mask(L, k)
     K, L = _center(K), _center(L)
@@ -210,10 +275,13 @@ def cknna(feats_a: Tensor, feats_b: Tensor, *, k: int = 10) -> float:
 
 
 __all__ = [
+    "CKNNA_MIN_ITEMS",
     "PROBE_L2",
     "PROBE_MAX_ITER",
     "balanced_accuracy",
     "cknna",
+    "cknna_centered_mask",
+    "hsic_unbiased",
     "knn_accuracy",
     "linear_probe",
 ]

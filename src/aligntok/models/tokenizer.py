@@ -86,6 +86,12 @@ class Adapter(nn.Module):
         self.act = _ACTIVATIONS[act]()
         self.fc2 = nn.Linear(hidden, out)
 
+    @property
+    def last_layer(self) -> Tensor:
+        """Weight of the layer that outputs the latent (a Gaussian posterior's mean and log-variance):
+        VA-VAE's adaptive VF weight compares gradient norms here."""
+        return self.fc2.weight
+
     def forward(self, feats: Tensor) -> Tensor:
         x = feats.permute(0, 2, 3, 1)  # (B, h, w, D): tokens channels-last
         return self.fc2(self.act(self.fc1(x))).permute(0, 3, 1, 2).contiguous()  # (B, C, h, w)

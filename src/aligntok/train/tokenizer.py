@@ -11,6 +11,7 @@ Run directory:
                                          aligntok.checkpoint's layout: resumes on any number of ranks)
     RUN/stage-<name>/recon-<step>.png    originals (top) over reconstructions of a fixed validation batch
     RUN/stage-<name>/export/             the stage's result (EMA weights where the stage keeps an EMA)
+    RUN/stage-<name>/exports/step-NNNNNNN/  the same at the steps in the stage's `keep_exports`
     RUN/export/                          the final tokenizer with latent statistics of the training data
 """
 
@@ -30,9 +31,8 @@ from torch.utils.data import DataLoader
 
 from aligntok import distributed
 from aligntok.checkpoint import TrainingState, latest_checkpoint, module_state, set_module_state
-from aligntok.config import differences, save_json, to_dict
+from aligntok.config import differences, from_dict, save_json, to_dict
 from aligntok.data import build_dataset, check_dataset
-from aligntok.data.latents import ChannelMoments
 from aligntok.data.shards import ShardDataset
 from aligntok.models.tokenizer import Tokenizer
 from aligntok.rundir import run_lock
@@ -47,7 +47,9 @@ from aligntok.train.common import (
 )
 from aligntok.train.tokenizer_config import StageConfig, TokenizerTrainConfig
 from aligntok.train.tokenizer_stage import (
+    Stage,
     build_stage,
+    channel_moments,
     discriminator_step,
     gathered_copy,
     optimizer_step,
@@ -62,12 +64,18 @@ def stage_dir(out: Path, stage: StageConfig) -> Path:
     return out / f"stage-{stage.name}"
 
 
+def kept_stage_export(out: str | Path, stage: StageConfig, step: int) -> Path:
+    """Where a stage of a tokenizer trained into `out` keeps the export of step `step` (`keep_exports`)."""
+    return stage_dir(Path(out), stage) / "exports" / f"step-{step:07d}"
+
+
 def _export_done(path: Path) -> bool:
     return (path / "model.safetensors").exists() and (path / "config.json").exists()
 
 
 # Fields that change how a run is carried out or reported, not what it computes.
 _NOT_INPUTS = ("parallel", "log_every", "val_every", "num_val", "ckpt_every", "num_workers")
+_NOT_STAGE_INPUTS = ("keep_exports",)
 
 
 def stage_inputs(cfg: TokenizerTrainConfig, index: int | None) -> dict[str, Any]:
@@ -75,6 +83,7 @@ def stage_inputs(cfg: TokenizerTrainConfig, index: int | None) -> dict[str, Any]
     including that stage. Recorded in the export; a stage is reused, or a later one started on top of it,
     only when the current config asks for the same."""
     inputs = {k: v for k, v in to_dict(cfg).items() if k not in _NOT_INPUTS}
+    inputs["stages"] = [{k: v for k, v in s.items() if k not in _NOT_STAGE_INPUTS} for s in inputs["stages"]]
     if index is not None:
         inputs["stages"] = inputs["stages"][: index + 1]
         del inputs["stats_batches"]  # the final export's latent statistics only
@@ -91,13 +100,31 @@ def _finished(export: Path, wanted: dict[str, Any], what: str) -> bool:
             f"{export} records no inputs (an older aligntok wrote it); reused unchecked", stacklevel=3
         )
         return True
-    differs = differences(recorded, wanted)
+    differs = differences(_with_defaults(recorded, wanted), wanted)
     if differs:
         raise ValueError(
             f"{what} in {export} was trained with other settings (differs in: {', '.join(differs[:6])}); "
             "rerun with the recipe and --set it was made with, or choose a new --out"
         )
     return True
+
+
+def _with_defaults(recorded: dict[str, Any], wanted: dict[str, Any]) -> dict[str, Any]:
+    """`recorded` inputs with the config fields added since they were written at their defaults, so that an
+    option left at its default does not refuse an older export (as written if they no longer build)."""
+    try:
+        full = to_dict(from_dict(TokenizerTrainConfig, recorded))
+    except (TypeError, ValueError):
+        return recorded
+
+    def like(value: Any, shape: Any) -> Any:  # the keys `shape` has (stage_inputs leaves some out)
+        if isinstance(value, dict) and isinstance(shape, dict):
+            return {k: like(v, shape[k]) for k, v in value.items() if k in shape}
+        if isinstance(value, list) and isinstance(shape, list) and len(value) == len(shape):
+            return [like(v, w) for v, w in zip(value, shape)]
+        return value
+
+    return like(full, wanted)
 
 
 def _plan(cfg: TokenizerTrainConfig, out: Path, stage: str, resume: bool) -> list[int]:
@@ -270,17 +297,33 @@ def _train_stage(cfg: TokenizerTrainConfig, stage: StageConfig, *, out: Path) ->
             copy = gathered_copy(parts.tokenizer, parts.ema)
             if world.is_main:
                 log.write(step=step, val_psnr=validate(copy, val_images, sdir / f"recon-{step:07d}.png"))
+        if step in stage.keep_exports:  # before the checkpoint: a resume past it has written it
+            _export_stage(cfg, parts, kept_stage_export(out, stage, step), step)
         if step % cfg.ckpt_every == 0 or step == stage.steps:
             extra = {"stage": stage.name, "guard": guard.state_dict()}
             save_checkpoint(
                 ckpt_dir, step, cfg=cfg, tensors=parts.tensors(), generator=parts.generator, **extra
             )
     bar.close()
-    copy = gathered_copy(parts.tokenizer, parts.ema)
-    if world.is_main:
-        meta = {"stage": stage.name, "steps": stage.steps, "inputs": stage_inputs(cfg, _index(cfg, stage))}
-        copy.save_pretrained(sdir / "export", extra_meta=meta)
+    _export_stage(cfg, parts, sdir / "export", step)
     distributed.barrier()
+
+
+def _export_stage(cfg: TokenizerTrainConfig, parts: Stage, path: Path, step: int) -> None:
+    """The stage's export at `step` (the EMA weights where it keeps an EMA), with what it was made from. A
+    collective under FSDP (the weights are gathered); rank 0 writes.
+
+    Under a constant lr schedule nothing before `step` depends on the stage's length (the data order, the
+    warm-up and the EMA are functions of the step), so an export kept at `step` records the inputs of the
+    same stage `step` steps long: it is that stage's export, and a later stage may start from it."""
+    copy = gathered_copy(parts.tokenizer, parts.ema)
+    if copy is not None:
+        stage, index = parts.config, _index(cfg, parts.config)
+        inputs = stage_inputs(cfg, index)
+        if stage.schedule == "constant":
+            inputs["stages"][index]["steps"] = step
+        meta = {"stage": stage.name, "steps": stage.steps, "step": step, "inputs": inputs}
+        copy.save_pretrained(path, extra_meta=meta)
 
 
 def _index(cfg: TokenizerTrainConfig, stage: StageConfig) -> int:
@@ -307,32 +350,8 @@ def _saved_parts(saved: TrainingState) -> set[str]:
     return {key.split(".")[0] for key in saved.saved_keys()}
 
 
-@torch.no_grad()
 def latent_statistics(tokenizer: Tokenizer, cfg: TokenizerTrainConfig) -> tuple[Tensor, Tensor]:
-    """Per-channel mean/std of the latents of the training data (float64 accumulation): the first
-    `stats_batches` batches of 64 images (all by default). Under torchrun rank r encodes batches r,
-    r + world, ... (shards r, r + world, ... of a shard folder) and the moments are summed: a collective."""
-    world = distributed.world()
-    device = next(tokenizer.parameters()).device
-    tokenizer.eval()
-    dataset = build_dataset(cfg.data, split="train", resolution=cfg.model.image_size)
-    limit = len(dataset) if cfg.stats_batches is None else min(len(dataset), 64 * cfg.stats_batches)
-    if isinstance(dataset, ShardDataset):  # streamed: this rank's shards, its share of `limit` images
-        part = dataset.subset(list(range(world.rank, dataset.num_shards, world.world_size)))
-        cap = -(-limit // world.world_size)
-    else:
-        batches = range(world.rank, -(-limit // 64), world.world_size)
-        mine = [i for b in batches for i in range(64 * b, min(64 * b + 64, limit))]
-        part, cap = torch.utils.data.Subset(dataset, mine), len(mine)
-    moments = ChannelMoments(tokenizer.config.latent_channels)
-    seen = 0
-    for batch in DataLoader(part, batch_size=64, num_workers=cfg.num_workers):
-        images = batch["image"][: cap - seen]
-        if not len(images):
-            break
-        seen += len(images)
-        with distributed.autocast(cfg.bf16):
-            moments.update(tokenizer.encode(images.to(device)))
-    moments.all_reduce()
-    mean, std = moments.mean_std()
+    """Per-channel mean/std of the latents of the training data: `stats_batches` batches of 64 images spread
+    evenly over it, or all of it (the default; `channel_moments`). A collective under torchrun."""
+    mean, std = channel_moments(tokenizer, cfg, cfg.stats_batches).mean_std()
     return mean.float(), std.float()

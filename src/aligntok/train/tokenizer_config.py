@@ -7,13 +7,14 @@ from dataclasses import dataclass, field
 from typing import Literal
 
 from aligntok.config import check_ranges
-from aligntok.losses import VF_MARGINS
+from aligntok.losses import SP_KINDS, VF_MARGINS
 from aligntok.models.discriminator import DiscriminatorConfig
 from aligntok.models.encoders import EncoderConfig
 from aligntok.models.tokenizer import TokenizerConfig
 from aligntok.parallelize import ParallelConfig
 
 GROUPS = ("encoder", "adapter", "decoder")
+VF_WEIGHT_MODES = ("fixed", "adaptive")
 
 
 @dataclass(kw_only=True)
@@ -32,10 +33,16 @@ class StageConfig:
     gan_weight: float = 0.5  # base weight of the adaptive GAN term (taming/LDM rule); 0 disables the GAN
     gan_start: int = 0  # stage step at which the discriminator and the GAN term start
     sp_weight: float = 0.0  # w_sp of L_sp (stage 2 only in AlignTok)
-    sp_kind: Literal["l2", "cosine"] = "l2"
+    # "l2": the paper's raw MSE; "l2_norm": per channel over the stage-1 latent's variance (scale-free);
+    # "cosine": 1 - cos over channels (aligntok.losses.semantic_preservation_loss). The recipes keep "l2"
+    # until the stage-2 study (issue #31) chooses.
+    sp_kind: Literal["l2", "l2_norm", "cosine"] = "l2"
     kl_weight: float = 0.0  # vanilla VAE baselines: 1e-6
-    vf_weight: float = 0.0  # VA-VAE baseline: vision-foundation alignment loss
+    vf_weight: float = 0.0  # VA-VAE baseline: vision-foundation alignment loss (its base weight if adaptive)
+    # "adaptive": VA-VAE's rule, vf_weight x ||grad L_rec|| / ||grad L_vf|| at the adapter's last layer
+    vf_weight_mode: Literal["fixed", "adaptive"] = "fixed"
     ema_decay: float | None = None  # keep an EMA and export it (stage 2)
+    keep_exports: tuple[int, ...] = ()  # steps whose export is also kept (studies against steps)
     max_consecutive_skips: int = 20  # steps with a non-finite loss or gradient in a row before the run stops
 
     def __post_init__(self) -> None:
@@ -52,6 +59,22 @@ class StageConfig:
         unknown = set(self.train) - set(GROUPS)
         if unknown or not self.train:
             raise ValueError(f"stage {self.name}: train={self.train} must be a non-empty subset of {GROUPS}")
+        for field_name, allowed in (("sp_kind", SP_KINDS), ("vf_weight_mode", VF_WEIGHT_MODES)):
+            if getattr(self, field_name) not in allowed:
+                raise ValueError(
+                    f"stage {self.name}: {field_name}={getattr(self, field_name)!r} is not in {allowed}"
+                )
+        self.keep_exports = tuple(self.keep_exports)
+        if not all(0 < s <= self.steps for s in self.keep_exports):
+            raise ValueError(
+                f"stage {self.name}: keep_exports={self.keep_exports} must be steps in 1..{self.steps} "
+                "(set the stage's steps first)"
+            )
+        if self.vf_weight_mode == "adaptive" and self.vf_weight > 0 and "adapter" not in self.train:
+            raise ValueError(
+                f"stage {self.name}: vf_weight_mode='adaptive' balances gradients at the adapter's last "
+                "layer, which this stage does not train; add 'adapter' to train or use vf_weight_mode='fixed'"
+            )
 
 
 @dataclass(kw_only=True)
@@ -76,6 +99,7 @@ class TokenizerTrainConfig:
     num_val: int = 16
     ckpt_every: int = 500
     stats_batches: int | None = None  # batches of training data for latent statistics (None: all)
+    sp_stats_batches: int = 16  # batches of 64 for the stage-1 latent variance of sp_kind="l2_norm"
     parallel: ParallelConfig = field(default_factory=ParallelConfig)
 
     def __post_init__(self) -> None:
@@ -89,6 +113,7 @@ class TokenizerTrainConfig:
                 "num_val",
                 "ckpt_every",
                 "stats_batches",
+                "sp_stats_batches",
             ),
             non_negative=("weight_decay", "disc_lr", "num_workers"),
         )

@@ -1,7 +1,8 @@
 """One tokenizer stage's modules and losses, as the training loop in `aligntok.train.tokenizer` uses them:
 the autoencoder the generator's optimizer trains, the discriminator and its hinge update, the frozen
-targets (LPIPS, the L_sp reference, the VF encoder), the loss terms, and the plain copy that is validated
-and exported."""
+targets (LPIPS, the L_sp reference and its latent variance, the VF encoder), the loss terms, the plain copy
+that is validated and exported, and the per-channel moments of a tokenizer's latents over the training
+data."""
 
 from __future__ import annotations
 
@@ -11,14 +12,18 @@ from pathlib import Path
 
 import torch
 from torch import Tensor, nn
+from torch.utils.data import DataLoader, Subset
 
 from aligntok import distributed
 from aligntok.checkpoint import module_state
+from aligntok.data import build_dataset
+from aligntok.data.latents import ChannelMoments
+from aligntok.data.shards import ShardDataset
 from aligntok.files import make_grid, save_image, to_uint8
 from aligntok.losses import (
     PerceptualLoss,
     VFLoss,
-    adaptive_gan_weight,
+    adaptive_weight,
     generator_loss,
     hinge_d_loss,
     kl_loss,
@@ -76,6 +81,7 @@ class Stage:
     ema: EMA | None
     reference: Tokenizer | None  # the frozen stage-1 tokenizer of L_sp
     generator: torch.Generator  # the same on every rank (see `_posterior_noise`)
+    sp_variance: Tensor | None = None  # (C,) per-channel variance of the reference latents ("l2_norm")
 
     def tensors(self) -> dict[str, dict]:
         """What a checkpoint of this stage holds."""
@@ -94,7 +100,9 @@ def build_stage(
     reference: Callable[[], Tokenizer],
 ) -> Stage:
     """The modules of `stage`, built after seeding in a fixed order: the tokenizer from `initial()`, ...,
-    and last the frozen stage-1 tokenizer of L_sp from `reference()` when the stage has an L_sp."""
+    and last the frozen stage-1 tokenizer of L_sp from `reference()` when the stage has an L_sp; with
+    sp_kind="l2_norm", then its latents' per-channel variance over `cfg.sp_stats_batches` batches of the
+    training data (no random number drawn; a collective under torchrun)."""
     device = distributed.device()
     seed_everything(cfg.seed)
     tokenizer = initial().to(device)
@@ -116,7 +124,7 @@ def build_stage(
     opt = torch.optim.AdamW(param_groups, betas=cfg.betas, weight_decay=cfg.weight_decay)
     perceptual = PerceptualLoss(net=cfg.lpips_net).to(device) if stage.lpips_weight > 0 else None
     disc = PatchDiscriminator(cfg.disc).to(device) if stage.gan_weight > 0 else None
-    return Stage(
+    parts = Stage(
         config=stage,
         tokenizer=tokenizer,
         autoencoder=autoencoder,
@@ -133,6 +141,10 @@ def build_stage(
         reference=reference().to(device) if stage.sp_weight > 0 else None,
         generator=torch.Generator(device).manual_seed(cfg.seed * 7919),
     )
+    if parts.reference is not None and stage.sp_kind == "l2_norm":
+        _, std = channel_moments(parts.reference, cfg, cfg.sp_stats_batches).mean_std()
+        parts.sp_variance = std.square().float().to(device)
+    return parts
 
 
 def posterior_noise(parts: Stage, cfg: TokenizerTrainConfig) -> Tensor | None:
@@ -168,12 +180,21 @@ def stage_losses(
         if parts.reference is not None:
             with torch.no_grad():
                 z_ref = parts.reference.encode(images)
-            losses["sp"] = semantic_preservation_loss(z.float(), z_ref.float(), kind=stage.sp_kind)
+            losses["sp"] = semantic_preservation_loss(
+                z.float(), z_ref.float(), kind=stage.sp_kind, variance=parts.sp_variance
+            )
         if "vf_cos" in outputs:
             losses["vf_cos"], losses["vf_dm"] = outputs["vf_cos"], outputs["vf_dm"]
     rec = stage.l1_weight * losses["l1"] + stage.lpips_weight * losses.get("lpips", 0.0)
     total = rec + stage.sp_weight * losses.get("sp", 0.0) + stage.kl_weight * losses.get("kl", 0.0)
-    total = total + stage.vf_weight * (losses.get("vf_cos", 0.0) + losses.get("vf_dm", 0.0))
+    vf = losses.get("vf_cos", 0.0) + losses.get("vf_dm", 0.0)
+    if stage.vf_weight_mode == "adaptive" and "vf_cos" in losses:
+        # VA-VAE's rule, at the layer that outputs the latent (root FSDP2 group: unsharded, as below).
+        weight = adaptive_weight(rec, vf, parts.tokenizer.adapter.last_layer, base=stage.vf_weight)
+        losses["vf_weight"] = weight
+        total = total + weight * vf
+    else:
+        total = total + stage.vf_weight * vf
     if gan_on:
         assert parts.train_disc is not None
         # D's parameters get gradients here too (one code path for every parallel mode: a frozen flag would
@@ -182,9 +203,7 @@ def stage_losses(
             losses["g"] = generator_loss(parts.train_disc(recon).float())
         # Under FSDP2 the root group (decoder.conv_out is in it) stays unsharded from forward to backward,
         # so this is the very parameter the graph used.
-        weight = adaptive_gan_weight(
-            rec, losses["g"], parts.tokenizer.decoder.last_layer, base=stage.gan_weight
-        )
+        weight = adaptive_weight(rec, losses["g"], parts.tokenizer.decoder.last_layer, base=stage.gan_weight)
         losses["gan_weight"] = weight
         total = total + weight * losses["g"]
     return total, recon, losses
@@ -255,3 +274,40 @@ def validate(model: Tokenizer, images: Tensor, path: Path) -> float:
     grid = make_grid(to_uint8(torch.cat([images, recon])), nrow=len(images))
     save_image(grid, path, scale=max(1, 128 // images.shape[-1]))
     return psnr(recon, images).mean().item()  # clamped; +inf only for a perfect reconstruction
+
+
+@torch.no_grad()
+def channel_moments(tokenizer: Tokenizer, cfg: TokenizerTrainConfig, batches: int | None) -> ChannelMoments:
+    """Per-channel moments of `tokenizer`'s latents of the training data (float64 accumulation): `batches`
+    batches of 64 images spread evenly over the data (all of it for None; the first images of a shard
+    folder, which has no random access). Under torchrun rank r encodes batches r, r + world, ... (shards r,
+    r + world, ... of a shard folder) and the moments are summed: a collective. No random number is drawn
+    (the loader has its own generator), so calling it leaves a run's RNG streams as they were."""
+    world = distributed.world()
+    device = next(tokenizer.parameters()).device
+    tokenizer.eval()
+    dataset = build_dataset(cfg.data, split="train", resolution=cfg.model.image_size)
+    limit = len(dataset) if batches is None else min(len(dataset), 64 * batches)
+    if isinstance(dataset, ShardDataset):  # streamed: this rank's shards, its share of `limit` images
+        part = dataset.subset(list(range(world.rank, dataset.num_shards, world.world_size)))
+        cap = -(-limit // world.world_size)
+    else:
+        picked = [j * len(dataset) // limit for j in range(limit)]  # range(limit) when all are used
+        mine = [
+            picked[i]
+            for b in range(world.rank, -(-limit // 64), world.world_size)
+            for i in range(64 * b, min(64 * b + 64, limit))
+        ]
+        part, cap = Subset(dataset, mine), len(mine)
+    moments = ChannelMoments(tokenizer.config.latent_channels)
+    seen = 0
+    loader = DataLoader(part, batch_size=64, num_workers=cfg.num_workers, generator=torch.Generator())
+    for batch in loader:
+        images = batch["image"][: cap - seen]
+        if not len(images):
+            break
+        seen += len(images)
+        with distributed.autocast(cfg.bf16):
+            moments.update(tokenizer.encode(images.to(device)))
+    moments.all_reduce()
+    return moments
