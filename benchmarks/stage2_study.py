@@ -107,13 +107,19 @@ def plateau(log: list[dict[str, Any]], kept: tuple[int, ...]) -> tuple[int, bool
 
 def stage1(s: Settings, out: Path) -> tuple[Path, int, bool]:
     """Train (or find) the shared stage 1; the export stage 2 starts from, its step, and the plateau flag."""
-    run = out / "stage1"
+    run = stage1_dir(s, out)
     cfg = recipe(s)
     train_tokenizer(cfg, out=run, stage="1", resume=True)
     step, flat = plateau(
         read_log(stage_dir(run, cfg.stages[0]) / "log.jsonl"), doubling(s.stage1_steps, S1_FIRST)
     )
     return kept_stage_export(run, cfg.stages[0], step), step, flat
+
+
+def stage1_dir(s: Settings, out: Path) -> Path:
+    """One work directory per stage-1 length: a finished stage is never lengthened in place (its export
+    records its length), so a longer run retrains, and its kept exports equal this one's step by step."""
+    return out / f"stage1-{s.stage1_steps}"
 
 
 def variant_name(lr: float, w: float) -> str:
@@ -123,7 +129,7 @@ def variant_name(lr: float, w: float) -> str:
 def stage2(s: Settings, out: Path, start: Path, start_step: int, lr: float, w: float) -> tuple[Any, Path]:
     """Stage 2 of one variant from the chosen stage-1 export (copied in as that run's stage 1)."""
     cfg = recipe(s, {"encoder_lr": lr, "sp_weight": w, "sp_kind": s.sp_kind}, stage1_steps=start_step)
-    run = out / f"from{start_step}-{variant_name(lr, w)}"
+    run = out / f"from{start_step}-{variant_name(lr, w)}-{s.stage2_steps}"
     first = stage_dir(run, cfg.stages[0]) / "export"
     if not first.exists():
         shutil.copytree(start, first)
@@ -186,12 +192,9 @@ def main() -> None:
 
     start, step, flat = stage1(s, out)
     record["plateau"] = {"stage1_steps": s.stage1_steps, "step": step, "plateau_seen": flat, "db": PLATEAU_DB}
-    kept1 = doubling(s.stage1_steps, S1_FIRST)
+    kept1, run1 = doubling(s.stage1_steps, S1_FIRST), stage1_dir(s, out)
     for k in kept1:
-        export, where = (
-            kept_stage_export(out / "stage1", recipe(s).stages[0], k),
-            out / "stage1" / f"eval-{k}.json",
-        )
+        export, where = kept_stage_export(run1, recipe(s).stages[0], k), run1 / f"eval-{k}.json"
         ledger.value(
             f"stage1/{k}", lambda e=export, w=where, f=k in (step, kept1[-1]): measure(e, s, w, full=f)
         )
