@@ -85,20 +85,23 @@ def _data_id(data: str) -> str:
 
 def _check_inputs(out: Path, inputs: dict[str, Any]) -> bool:
     """True when `out` holds the finished cache of `inputs`; refuses a cache, finished or not, of another
-    request. Records `inputs` in a fresh directory."""
+    request. Records `inputs` in a fresh directory. A collective under torchrun: every rank reads the
+    directory before rank 0 writes to it, so all of them take the same branch."""
     recorded = json.loads((out / INPUTS).read_text()) if (out / INPUTS).is_file() else None
     if recorded is None and (out / META).is_file():  # written before inputs.json existed: its meta says
         meta = json.loads((out / META).read_text())
         recorded = {"tokenizer_hash": meta["tokenizer"]["hash"], "data": _data_id(meta["data"])}
         recorded |= {"split": meta["split"], "flip": meta["flip"], "shard_size": inputs["shard_size"]}
+    finished = (out / META).is_file()
+    orphans = recorded is None and any(out.glob("shard-*.safetensors"))
+    distributed.barrier()
+    if orphans:
+        raise ValueError(
+            f"{out} holds latent shards of unknown origin (no {INPUTS}); delete it or choose a new --out"
+        )
     if recorded is None:
-        if any(out.glob("shard-*.safetensors")):
-            raise ValueError(
-                f"{out} holds latent shards of unknown origin (no {INPUTS}); delete it or choose a new --out"
-            )
         if distributed.world().is_main:
             write_json(inputs, out / INPUTS)
-        distributed.barrier()
         return False
     differs = differences(recorded, inputs)
     if differs:
@@ -106,7 +109,7 @@ def _check_inputs(out: Path, inputs: dict[str, Any]) -> bool:
             f"{out} holds latents of another request (differs in: {', '.join(differs)}); rerun with the "
             "tokenizer export, data, split, flip and shard size it was made with, or choose a new --out"
         )
-    return (out / META).is_file()
+    return finished
 
 
 @torch.no_grad()
