@@ -51,11 +51,13 @@ class Package:
         )
 
 
-def sha256_file(path: Path) -> str:
+def sha256_file(*paths: Path) -> str:
+    """sha256 of the bytes of `paths`, read one after another in 1 MiB chunks."""
     digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            digest.update(chunk)
+    for path in paths:
+        with open(path, "rb") as f:
+            for chunk in iter(lambda f=f: f.read(1 << 20), b""):
+                digest.update(chunk)
     return digest.hexdigest()
 
 

@@ -27,7 +27,6 @@ from __future__ import annotations
 
 import contextlib
 import functools
-import hashlib
 import json
 import os
 import pickle
@@ -142,15 +141,10 @@ def load_state_strict(model: nn.Module, state: dict[str, Tensor], source: str | 
 def export_hash(directory: str | Path) -> str:
     """sha256 of the bytes of model.safetensors followed by config.json: the identity of one export."""
     directory = Path(directory)
-    digest = hashlib.sha256()
     for name in (WEIGHTS_NAME, CONFIG_NAME):
-        path = directory / name
-        if not path.is_file():
+        if not (directory / name).is_file():
             raise _bad_export(directory, f"{name} is missing")
-        with open(path, "rb") as f:
-            for chunk in iter(lambda f=f: f.read(1 << 20), b""):
-                digest.update(chunk)
-    return digest.hexdigest()
+    return sha256_file(directory / WEIGHTS_NAME, directory / CONFIG_NAME)
 
 
 # ---------------------------------------------------------------------------------------------------------
