@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Protocol
 
 import torch
 from torch import Tensor, nn
@@ -29,6 +29,7 @@ from aligntok.models.layers import (
     RMSNorm,
     SwiGLU,
     TimestepEmbedder,
+    attend,
     grid_coords,
     make_norm,
     modulate,
@@ -148,13 +149,30 @@ def dit_preset(
     return DiTConfig(**kwargs)
 
 
+class BlockConfig(Protocol):
+    """The fields a `DiTBlock` and a `FinalLayer` read: DiTConfig and the MMDiT's config both have them."""
+
+    hidden_size: int
+    num_heads: int
+    mlp_ratio: float
+    qk_norm: bool
+    qkv_bias: bool
+    use_swiglu: bool
+    use_rmsnorm: bool
+    norm_eps: float
+    patch_size: int
+    in_channels: int
+
+
 class DiTBlock(nn.Module):
     """adaLN-Zero transformer block: six modulation vectors from c gate a pre-norm attention and MLP.
 
     x + gate_a * attn(modulate(norm1(x), shift_a, scale_a)), then the same for the MLP (DiT fig. 3).
+    `forward` is `attention_heads`, `attend`, `finish`; the MMDiT's double-stream block runs the two ends
+    of one such block per stream around a joint attention.
     """
 
-    def __init__(self, cfg: DiTConfig) -> None:
+    def __init__(self, cfg: BlockConfig) -> None:
         super().__init__()
         d = cfg.hidden_size
         self.norm1 = make_norm(d, rms=cfg.use_rmsnorm, eps=cfg.norm_eps)
@@ -163,18 +181,34 @@ class DiTBlock(nn.Module):
         self.mlp = SwiGLU(d, cfg.mlp_ratio) if cfg.use_swiglu else GeluMLP(d, cfg.mlp_ratio)
         self.adaLN_modulation = nn.Sequential(nn.SiLU(), nn.Linear(d, 6 * d))
 
-    def forward(self, x: Tensor, c: Tensor, rope: tuple[Tensor, Tensor] | None = None) -> Tensor:
-        """x (B, N, D), c (B, D) -> (B, N, D)."""
+    def attention_heads(
+        self, x: Tensor, c: Tensor
+    ) -> tuple[tuple[Tensor, Tensor, Tensor], tuple[Tensor, ...]]:
+        """x (B, N, D), c (B, D) -> (q, k, v) each (B, H, N, K) of the modulated pre-norm x, and the six
+        modulation vectors (B, 1, D) that `finish` needs."""
         mods = self.adaLN_modulation(c).unsqueeze(1).chunk(6, dim=-1)  # 6 x (B, 1, D)
-        shift_a, scale_a, gate_a, shift_m, scale_m, gate_m = mods
-        x = x + gate_a * self.attn(modulate(self.norm1(x), shift_a, scale_a), rope)
+        shift_a, scale_a = mods[0], mods[1]
+        return self.attn.heads(modulate(self.norm1(x), shift_a, scale_a)), mods
+
+    def finish(self, x: Tensor, o: Tensor, mods: tuple[Tensor, ...]) -> Tensor:
+        """Add the gated attention output o (B, H, N, K), then the gated MLP, to x (B, N, D) -> (B, N, D)."""
+        _, _, gate_a, shift_m, scale_m, gate_m = mods
+        x = x + gate_a * self.attn.out(o)
         return x + gate_m * self.mlp(modulate(self.norm2(x), shift_m, scale_m))
+
+    def forward(
+        self, x: Tensor, c: Tensor, rope: tuple[Tensor, Tensor] | None = None, mask: Tensor | None = None
+    ) -> Tensor:
+        """x (B, N, D), c (B, D), rope (cos, sin) each (N, K/2), mask (B, N) bool (True = may be attended
+        to; None = all) -> (B, N, D)."""
+        (q, k, v), mods = self.attention_heads(x, c)
+        return self.finish(x, attend(q, k, v, rope=rope, mask=mask), mods)
 
 
 class FinalLayer(nn.Module):
     """adaLN (shift, scale; no gate) then a zero-initialised linear map to p * p * C per token."""
 
-    def __init__(self, cfg: DiTConfig) -> None:
+    def __init__(self, cfg: BlockConfig) -> None:
         super().__init__()
         d = cfg.hidden_size
         self.norm = make_norm(d, rms=cfg.use_rmsnorm, eps=cfg.norm_eps)
@@ -182,6 +216,7 @@ class FinalLayer(nn.Module):
         self.linear = nn.Linear(d, cfg.patch_size**2 * cfg.in_channels)
 
     def forward(self, x: Tensor, c: Tensor) -> Tensor:
+        """x (B, N, D), c (B, D) -> (B, N, p * p * C)."""
         shift, scale = self.adaLN_modulation(c).unsqueeze(1).chunk(2, dim=-1)
         return self.linear(modulate(self.norm(x), shift, scale))
 

@@ -119,11 +119,35 @@ def sincos_pos_embed_2d(rows: Tensor, cols: Tensor, dim: int) -> Tensor:
 # Attention and MLPs
 
 
+def attend(
+    q: Tensor, k: Tensor, v: Tensor, *, rope: tuple[Tensor, Tensor] | None = None, mask: Tensor | None = None
+) -> Tensor:
+    """Scaled dot-product attention of heads q, k, v (B, H, N, K) -> (B, H, N, K).
+
+    rope = (cos, sin), each (N, K/2), rotates q and k (`apply_rope`). mask (B, N) bool marks the tokens
+    that may be attended to (True = a real key); every query sees every True key, so each row needs at
+    least one. Self-attention and the joint text-image attention of the MMDiT (over concatenated heads)
+    both end here.
+    """
+    if rope is not None:
+        q, k = apply_rope(q, *rope), apply_rope(k, *rope)
+    if mask is not None:
+        if mask.dtype != torch.bool or mask.shape != (k.shape[0], k.shape[2]):
+            raise ValueError(
+                f"attention mask must be bool (B, N) = {(k.shape[0], k.shape[2])}, "
+                f"got {mask.dtype} {tuple(mask.shape)}"
+            )
+        mask = mask[:, None, None, :]  # (B, 1, 1, N): broadcast over heads and queries
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+
+
 class Attention(nn.Module):
-    """Multi-head self-attention with optional QK-norm and 2-D RoPE, via scaled_dot_product_attention.
+    """Multi-head attention with optional QK-norm and 2-D RoPE, via scaled_dot_product_attention.
 
     QK-norm (an RMSNorm over each head's q and k, Dehghani et al. 2023) bounds the attention logits;
-    the AlignTok paper needed it to keep long LightningDiT runs from diverging.
+    the AlignTok paper needed it to keep long LightningDiT runs from diverging. `forward` is
+    self-attention; `heads` and `out` are its two ends, so that a joint attention (MMDiT) can concatenate
+    the heads of several streams, `attend` once, and split the result back.
     """
 
     def __init__(
@@ -139,18 +163,25 @@ class Attention(nn.Module):
         self.k_norm = RMSNorm(self.head_dim, eps=eps) if qk_norm else nn.Identity()
         self.proj = nn.Linear(dim, dim)
 
-    def forward(self, x: Tensor, rope: tuple[Tensor, Tensor] | None = None) -> Tensor:
-        """x (B, N, D), rope = (cos, sin) each (N, K/2) or None -> (B, N, D)."""
-        b, n, d = x.shape
+    def heads(self, x: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        """x (B, N, D) -> q, k, v, each (B, H, N, K), q and k after QK-norm (RoPE is `attend`'s job)."""
+        b, n, _ = x.shape
         qkv = (
             self.qkv(x).view(b, n, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4)
         )  # (3, B, H, N, K)
         q, k, v = qkv.unbind(0)
-        q, k = self.q_norm(q), self.k_norm(k)
-        if rope is not None:
-            q, k = apply_rope(q, *rope), apply_rope(k, *rope)
-        out = F.scaled_dot_product_attention(q, k, v)  # (B, H, N, K)
-        return self.proj(out.transpose(1, 2).reshape(b, n, d))
+        return self.q_norm(q), self.k_norm(k), v
+
+    def out(self, o: Tensor) -> Tensor:
+        """Attention output o (B, H, N, K) -> (B, N, D) through the output projection."""
+        b, h, n, k = o.shape
+        return self.proj(o.transpose(1, 2).reshape(b, n, h * k))
+
+    def forward(
+        self, x: Tensor, rope: tuple[Tensor, Tensor] | None = None, mask: Tensor | None = None
+    ) -> Tensor:
+        """x (B, N, D), rope = (cos, sin) each (N, K/2) or None, mask (B, N) bool or None -> (B, N, D)."""
+        return self.out(attend(*self.heads(x), rope=rope, mask=mask))
 
 
 def swiglu_hidden(dim: int, mlp_ratio: float, *, multiple_of: int = 8) -> int:
@@ -202,6 +233,12 @@ def timestep_frequencies(t: Tensor, dim: int, *, max_period: float = 10000.0) ->
     return emb
 
 
+def embed_mlp(in_dim: int, dim: int) -> nn.Sequential:
+    """Linear(in_dim, dim) -> SiLU -> Linear(dim, dim): the MLP that embeds a conditioning vector (the
+    timestep features; the MMDiT's pooled text vector)."""
+    return nn.Sequential(nn.Linear(in_dim, dim), nn.SiLU(), nn.Linear(dim, dim))
+
+
 class TimestepEmbedder(nn.Module):
     """t in [0, 1] -> (B, D): sinusoidal features of 1000 t (DiT's integer-step scale) then a 2-layer MLP."""
 
@@ -209,7 +246,7 @@ class TimestepEmbedder(nn.Module):
         super().__init__()
         self.frequency_dim = frequency_dim
         self.time_scale = time_scale
-        self.mlp = nn.Sequential(nn.Linear(frequency_dim, dim), nn.SiLU(), nn.Linear(dim, dim))
+        self.mlp = embed_mlp(frequency_dim, dim)
 
     def reset_parameters(self) -> None:
         for layer in (self.mlp[0], self.mlp[2]):
