@@ -2,7 +2,8 @@
 
 Layout of a cache directory:
     shard-00000.safetensors   latents (n, C, h, w) float32, labels (n,), indices (n,) dataset index,
-                              flipped (n,) 1 where the image was mirrored before encoding
+                              flipped (n,) 1 where the image was mirrored before encoding;
+                              metadata "captions": the JSON list of the rows' captions, in row order
     ...
     meta.json                 written last (its presence marks a complete cache): tokenizer identity
                               (hash of its export), dataset, latent shape, classes, per-channel mean/std
@@ -143,6 +144,7 @@ def _encode_all(
     bar = tqdm(total=len(todo), desc="encoding shards", disable=not world.is_main)
     for i in todo:
         tensors: dict[str, list[torch.Tensor]] = {"latents": [], "labels": [], "indices": [], "flipped": []}
+        captions: list[str] = []  # one a row, flipped copies included (data/captions.py reads them)
         for batch in DataLoader(part(i), batch_size=batch_size, num_workers=num_workers):
             images = batch["image"].to(world.device)
             views = [(images, 0), (images.flip(-1), 1)] if flip else [(images, 0)]
@@ -153,9 +155,10 @@ def _encode_all(
                 tensors["labels"].append(batch["label"].long())
                 tensors["indices"].append(batch["index"].long())
                 tensors["flipped"].append(torch.full((len(view),), flipped, dtype=torch.uint8))
+                captions.extend(batch["caption"])
         shard = {k: torch.cat(v).contiguous() for k, v in tensors.items()}
         with atomic_file(_shard_path(out, i)) as tmp:
-            save_file(shard, str(tmp))
+            save_file(shard, str(tmp), metadata={"captions": json.dumps(captions)})
         bar.update()
     bar.close()
     distributed.barrier()
@@ -275,6 +278,21 @@ class LatentCache:
             part = self._files[s].get_slice("latents")
             out[mine] = torch.cat([part[i : i + 1] for i in (idx[mine] - self._starts[s]).tolist()])
         return out
+
+    @functools.cached_property
+    def captions(self) -> list[str]:
+        """The caption of every row (N,), flipped copies included, from the shards' metadata."""
+        captions: list[str] = []
+        for i, f in enumerate(self._files):
+            recorded = (f.metadata() or {}).get("captions")
+            if recorded is None:
+                raise ValueError(
+                    f"{self.path} predates captions ({_shard_path(self.path, i).name} has none); rebuild it "
+                    "with `aligntok latents cache ...` into a new --out"
+                )
+            captions.extend(json.loads(recorded))
+        assert len(captions) == len(self), (len(captions), len(self))
+        return captions
 
     @functools.cached_property
     def latents(self) -> torch.Tensor:
