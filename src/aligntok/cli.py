@@ -106,6 +106,13 @@ def _dit_train(args: argparse.Namespace) -> None:
     train_dit(cfg, latents=args.latents, out=args.out, resume=args.resume)
 
 
+def _latents_captions(args: argparse.Namespace) -> None:
+    from aligntok.data.captions import build_caption_cache
+
+    path = build_caption_cache(args.latents, text_encoder=args.text_encoder, max_length=args.max_length)
+    print(f"caption features at {path}")
+
+
 def _sample(args: argparse.Namespace) -> None:
     from aligntok.generate import generate
     from aligntok.sampling import SampleConfig
@@ -119,16 +126,29 @@ def _sample(args: argparse.Namespace) -> None:
         seed=args.seed,
         bf16=args.bf16,
     )
+    prompts = list(args.prompt)
+    if args.prompts:
+        prompts += _read_prompts(args.prompts)
     generate(
         dit_dir=args.dit,
         num=args.num,
         out=args.out,
         sample=sample,
         class_id=args.class_id,
+        prompts=prompts or None,
         tokenizer_dir=args.tokenizer,
         batch_size=args.batch_size,
         guide_dir=args.guide,
     )
+
+
+def _read_prompts(path: str) -> list[str]:
+    """One prompt per line of a text file; blank lines are skipped (an empty prompt is --prompt "")."""
+    with open(path, encoding="utf-8") as f:
+        prompts = [line.rstrip("\n") for line in f if line.strip()]
+    if not prompts:
+        raise ValueError(f"--prompts {path} holds no prompt; write one per line")
+    return prompts
 
 
 def _demo(args: argparse.Namespace) -> None:
@@ -223,11 +243,23 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--batch-size", type=int, default=64)
     p.add_argument("--bf16", action="store_true")
     p.set_defaults(func=_latents_cache)
+    p = lat_sub.add_parser(
+        "captions",
+        help="encode a latent cache's captions with a text encoder (done by text DiT training too)",
+    )
+    p.add_argument("--latents", required=True, help="a latent cache directory")
+    p.add_argument("--text-encoder", default="minilm", help="minilm | a local transformers text-model folder")
+    p.add_argument("--max-length", type=int, default=None, help="token limit (default: the encoder's)")
+    p.set_defaults(func=_latents_captions)
 
     p = sub.add_parser("dit", help="diffusion transformer on a latent cache")
     dit_sub = p.add_subparsers(dest="action", required=True)
     p = dit_sub.add_parser("train", help="flow-matching training (exact resume)")
-    p.add_argument("--recipe", required=True, help="debug | emoji | fashion | paper")
+    p.add_argument(
+        "--recipe",
+        required=True,
+        help="debug | emoji | fashion | paper; text: t2i-debug | t2i-emoji | t2i-paper",
+    )
     p.add_argument("--latents", required=True, help="a latent cache directory")
     p.add_argument("--out", required=True, help="run directory")
     p.add_argument("--resume", action="store_true")
@@ -236,7 +268,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("sample", help="sample images from a trained DiT")
     p.add_argument("--dit", required=True, help="a DiT export directory")
-    p.add_argument("--num", type=int, required=True)
+    p.add_argument(
+        "--num", type=int, default=1, help="images (class DiT) or images per prompt (text DiT); default 1"
+    )
     p.add_argument("--out", required=True)
     p.add_argument("--steps", type=int, default=30)
     p.add_argument("--cfg", type=float, default=1.0, help="guidance scale (1 = no guidance)")
@@ -249,6 +283,10 @@ def build_parser() -> argparse.ArgumentParser:
         help="guidance acts for t in [T_LO, T_HI] (noise at t = 1)",
     )
     p.add_argument("--class", dest="class_id", type=int, default=None, help="one class (default: balanced)")
+    p.add_argument(
+        "--prompt", action="append", default=[], help='text DiT: a prompt (repeatable; "" = unconditional)'
+    )
+    p.add_argument("--prompts", default=None, help="text DiT: a file of prompts, one per line")
     p.add_argument("--tokenizer", default=None, help="tokenizer export (default: the one the DiT recorded)")
     p.add_argument("--guide", default=None, help="autoguidance: a weaker DiT export guiding this one")
     p.add_argument("--sampler", choices=["euler", "heun", "sde"], default="euler")

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import json
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -203,7 +203,7 @@ def _same_sampling(out: Path, wanted: dict[str, Any]) -> bool:
     try:
         done = json.loads((out / "sampling.json").read_text())
         with np.load(out / "samples.npz") as f:
-            complete = f["arr_0"].shape[0] == wanted["num"]
+            complete = f["arr_0"].shape[0] == wanted["num"] * len(wanted.get("prompts", [None]))
     except (OSError, ValueError, KeyError):  # missing, or cut short by an interruption: sample again
         return False
     return complete and all(done.get(k) == v for k, v in wanted.items())
@@ -219,9 +219,10 @@ def generation_fid(
     ref_num: int | None = None,
     tokenizer_dir: str | Path | None = None,
     save_pngs: bool = False,
+    prompts: Sequence[str] | None = None,
 ) -> dict[str, Any]:
-    """gFID of `num` class-balanced samples of a DiT, drawn with `sample`, against the training images of
-    `data`.
+    """gFID of `num` class-balanced samples of a DiT (for a text DiT: `num` samples of each of `prompts`),
+    drawn with `sample`, against the training images of `data`.
 
     The reference is the whole train split or `ref_num` of it (a seeded subset); its features are cached.
     Samples go to `out` (`samples.npz`, `grid.png`, `sampling.json`) and the result to `out/fid.json`; a
@@ -234,6 +235,8 @@ def generation_fid(
     settings = sample.record()
     bf16 = settings.pop("bf16")  # recorded under its own key below, as before SampleConfig
     wanted = {"num": num, **settings, "dit": str(Path(dit_dir).resolve()), "dit_hash": export_hash(dit_dir)}
+    if prompts is not None:
+        wanted["prompts"] = list(prompts)
     if tokenizer_dir is not None:  # another decoder than the DiT's own: samples of the default never stand in
         wanted["tokenizer"] = str(Path(tokenizer_dir).resolve())
     result_path = out / "fid.json"
@@ -244,9 +247,8 @@ def generation_fid(
                 return result
     else:
         result_path.unlink(missing_ok=True)
-        generate(
-            dit_dir=dit_dir, num=num, out=out, sample=sample, tokenizer_dir=tokenizer_dir, save_pngs=save_pngs
-        )
+        kw = {"tokenizer_dir": tokenizer_dir, "save_pngs": save_pngs, "prompts": prompts}
+        generate(dit_dir=dit_dir, num=num, out=out, sample=sample, **kw)
     images = npz_images(out / "samples.npz")
     model = InceptionFeatures.from_assets()
     fake = extract_features(images, bf16=bf16, model=model)

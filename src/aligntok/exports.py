@@ -1,8 +1,10 @@
 """Trained models as files, for the pipelines that use them (sampling, evaluation, scoring).
 
-A DiT export holds the EMA weights and everything sampling needs: the model config, the training config,
-the latent statistics and the identity of the tokenizer whose latents it learnt. A tokenizer export is
-written by `Tokenizer.save_pretrained`. Pipelines import this module, never the trainers.
+A DiT export holds the EMA weights and everything sampling needs: the model config (a class-conditional
+`DiT`, or a text-conditioned `MMDiT`, told apart by `arch`), the training config, the latent statistics, the
+identity of the tokenizer whose latents it learnt and, for text, the text encoder its captions came from.
+A tokenizer export is written by `Tokenizer.save_pretrained`. Pipelines import this module, never the
+trainers.
 """
 
 from __future__ import annotations
@@ -17,22 +19,34 @@ from aligntok import distributed
 from aligntok.checkpoint import load_export, save_export
 from aligntok.config import from_dict, to_dict
 from aligntok.models.dit import DiT, DiTConfig
+from aligntok.models.mmdit import MMDiT, MMDiTConfig
 from aligntok.models.tokenizer import Tokenizer
+
+# arch -> (model, config); exports written before text conditioning have no "arch": they are DiTs
+ARCHS: dict[str, tuple[type, type]] = {"dit": (DiT, DiTConfig), "mmdit": (MMDiT, MMDiTConfig)}
 
 
 def save_dit(
     out: str | Path,
     weights: dict[str, torch.Tensor],
     *,
-    config: DiTConfig,
+    config: DiTConfig | MMDiTConfig,
     train: Any,
     latents: dict[str, Any],
 ) -> None:
     """Write a DiT export: `weights` (a full, unsharded state dict), its config, the training config
-    `train` and `latents`, the cache's statistics, classes and tokenizer identity."""
-    model = DiT(config)
+    `train` and `latents`, the cache's statistics, classes and tokenizer identity (and, for a text model,
+    `latents["text"]`: the text encoder and its identity)."""
+    arch = next(name for name, (_, cls) in ARCHS.items() if isinstance(config, cls))
+    model = ARCHS[arch][0](config)
     model.load_state_dict(weights)
-    meta = {"kind": "dit", "config": to_dict(config), "train": to_dict(train), "latents": latents}
+    meta = {
+        "kind": "dit",
+        "arch": arch,
+        "config": to_dict(config),
+        "train": to_dict(train),
+        "latents": latents,
+    }
     save_export(out, model, meta)
 
 
@@ -40,8 +54,13 @@ def save_dit(
 class TrainedDiT:
     """A DiT export loaded for sampling."""
 
-    model: DiT
+    model: DiT | MMDiT
     meta: dict[str, Any]
+
+    @property
+    def text(self) -> dict[str, Any] | None:
+        """For a text-conditioned model: {"encoder", "identity", "length"} of its captions' features."""
+        return self.meta["latents"].get("text")
 
     @property
     def mean(self) -> torch.Tensor:
@@ -71,7 +90,8 @@ def load_dit(path: str | Path, map_location: str | torch.device = "cpu") -> Trai
         raise ValueError(
             f"{path} is not a DiT export (kind {meta.get('kind')!r}); pass the run's export/ dir"
         )
-    model = DiT(from_dict(DiTConfig, meta["config"]))
+    model_cls, config_cls = ARCHS[meta.get("arch", "dit")]
+    model = model_cls(from_dict(config_cls, meta["config"]))
     model.load_state_dict(state)
     return TrainedDiT(model.to(map_location).eval(), meta)
 

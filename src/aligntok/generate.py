@@ -1,10 +1,16 @@
-"""`aligntok sample`: DiT export + its tokenizer -> images (PNGs, a grid, an ADM-format .npz)."""
+"""`aligntok sample`: DiT export + its tokenizer -> images (PNGs, a grid, an ADM-format .npz).
+
+A class-conditional DiT draws class-balanced labels (or one `--class`); a text-conditioned one draws
+`num` images for each prompt, encoded by the text encoder its captions were encoded with (checked by the
+encoder's identity). The empty prompt is the unconditional model."""
 
 from __future__ import annotations
 
 import json
 import shutil
+from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -16,25 +22,64 @@ from aligntok.checkpoint import export_hash
 from aligntok.data.latents import check_tokenizer
 from aligntok.exports import TrainedDiT, load_dit
 from aligntok.files import make_grid, save_image, save_npz, to_uint8, write_json
+from aligntok.models.text import build_text_encoder
 from aligntok.models.tokenizer import Tokenizer
 from aligntok.rundir import run_lock
 from aligntok.sampling import SAMPLERS, SampleConfig
+
+Condition = torch.Tensor | dict[str, torch.Tensor]  # class labels (B,), or text features (models/text.py)
+
+
+def cond_rows(cond: Condition, idx: torch.Tensor | slice, device: torch.device | None = None) -> Condition:
+    """Rows `idx` of a condition (labels or a dict of text features), optionally moved to `device`."""
+    if isinstance(cond, torch.Tensor):
+        return cond[idx].to(device)
+    return {k: v[idx].to(device) for k, v in cond.items()}
+
+
+def cond_len(cond: Condition) -> int:
+    return len(cond) if isinstance(cond, torch.Tensor) else len(cond["null"])
+
+
+def null_condition(dit: TrainedDiT, cond: Condition) -> Condition:
+    """What classifier-free guidance contrasts `cond` with: the null class, or the learned null text."""
+    if isinstance(cond, torch.Tensor):
+        return torch.full_like(cond, dit.model.config.num_classes)
+    return {**cond, "null": torch.ones_like(cond["null"])}
+
+
+def encode_prompts(dit: TrainedDiT, prompts: Sequence[str], device: torch.device) -> dict[str, torch.Tensor]:
+    """Text features of `prompts` from the encoder the DiT's captions were encoded with; another encoder
+    (other weights or token limit) is refused, since the DiT only understands the features it learnt."""
+    if dit.text is None:
+        raise ValueError(
+            "this DiT is class-conditional: sample it with --class or balanced labels, not prompts"
+        )
+    recorded = dit.text["identity"]
+    encoder = build_text_encoder(dit.text["encoder"], max_length=recorded["max_length"])
+    if encoder.identity() != recorded:
+        raise ValueError(
+            f"the text encoder {dit.text['encoder']!r} is not the one this DiT's captions were encoded with "
+            f"(differs in: {', '.join(k for k in recorded if encoder.identity().get(k) != recorded[k])}); "
+            "restore that encoder's files"
+        )
+    return {k: v.to(device) for k, v in encoder.encode(list(prompts)).items()}
 
 
 @torch.no_grad()
 def sample_latents(
     dit: TrainedDiT,
-    labels: torch.Tensor,
+    cond: Condition,
     sample: SampleConfig,
     *,
     generator: torch.Generator | None = None,
     guide: TrainedDiT | None = None,
 ) -> torch.Tensor:
-    """Raw (de-normalised) latents for `labels`; guidance is classifier-free, or autoguidance with `guide`."""
+    """Raw (de-normalised) latents for the condition `cond` (class labels, or text features for a text DiT);
+    guidance is classifier-free, or autoguidance with `guide`."""
     device = next(dit.model.parameters()).device
     c, h, w = dit.model.config.in_channels, dit.model.config.input_size, dit.model.config.input_size
-    z1 = torch.randn((len(labels), c, h, w), generator=generator, device=device)
-    null = torch.full_like(labels, dit.model.config.num_classes)
+    z1 = torch.randn((cond_len(cond), c, h, w), generator=generator, device=device)
 
     def model_fn(net: torch.nn.Module):
         def fn(z: torch.Tensor, t: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
@@ -47,18 +92,22 @@ def sample_latents(
     if guide is not None:
         main_fn, guide_fn = model_fn(dit.model), model_fn(guide.model)
         v_fn = sampling.autoguidance_velocity(
-            lambda z, t: main_fn(z, t, labels),
-            lambda z, t: guide_fn(z, t, labels),
+            lambda z, t: main_fn(z, t, cond),
+            lambda z, t: guide_fn(z, t, cond),
             scale=scale,
             interval=interval,
         )
     elif scale != 1.0:
         v_fn = sampling.cfg_velocity(
-            model_fn(dit.model), cond=labels, null_cond=null, scale=scale, interval=interval
+            model_fn(dit.model),
+            cond=cond,
+            null_cond=null_condition(dit, cond),
+            scale=scale,
+            interval=interval,
         )
     else:
         fn = model_fn(dit.model)
-        v_fn = lambda z, t: fn(z, t, labels)  # noqa: E731
+        v_fn = lambda z, t: fn(z, t, cond)  # noqa: E731
     ts = flow.timesteps(sample.steps, shift=sample.shift).to(device)
     kwargs = {"generator": generator} if sample.sampler == "sde" else {}
     z0 = SAMPLERS[sample.sampler](v_fn, z1, ts, **kwargs)
@@ -100,7 +149,7 @@ def _sample_batches(
     dit: TrainedDiT,
     tokenizer: Tokenizer,
     guide: TrainedDiT | None,
-    labels: torch.Tensor,
+    cond: Condition,
     sample: SampleConfig,
     *,
     batch_size: int,
@@ -111,7 +160,7 @@ def _sample_batches(
 
     Batch b draws its noise from seed + b: results do not depend on how batches are spread over ranks, nor
     on whether a batch was sampled before an interruption (its images are kept in `partial`)."""
-    batches = list(torch.arange(len(labels)).split(batch_size))
+    batches = list(torch.arange(cond_len(cond)).split(batch_size))
     images, kept = [], []
     for b in tqdm(
         range(world.rank, len(batches), world.world_size), desc="sampling", disable=not world.is_main
@@ -121,7 +170,7 @@ def _sample_batches(
             images.append(np.load(done))
         else:
             g = torch.Generator(world.device).manual_seed(sample.seed * 1_000_003 + b)
-            z = sample_latents(dit, labels[idx].to(world.device), sample, generator=g, guide=guide)
+            z = sample_latents(dit, cond_rows(cond, idx, world.device), sample, generator=g, guide=guide)
             images.append(to_uint8(tokenizer.decode(z)))
             with atomic_file(done) as tmp, tmp.open("wb") as f:
                 np.save(f, images[-1])
@@ -137,37 +186,61 @@ def generate(
     out: str | Path,
     sample: SampleConfig | None = None,
     class_id: int | None = None,
+    prompts: Sequence[str] | None = None,
     tokenizer_dir: str | Path | None = None,
     batch_size: int = 64,
     save_pngs: bool = True,
     guide_dir: str | Path | None = None,
 ) -> Path:
-    """Sample `num` images (class-balanced unless `class_id`) with the settings `sample` and write them under
-    `out`: images/ (PNGs), grid.png, samples.npz (ADM format, with labels) and sampling.json."""
+    """Sample with the settings `sample` and write the images under `out`: images/ (PNGs), grid.png,
+    samples.npz (ADM format) and sampling.json. A class DiT draws `num` images, class-balanced unless
+    `class_id` (the npz holds the labels); a text DiT draws `num` images for each of `prompts`, in prompt
+    order (prompts.jsonl names each PNG's prompt)."""
     sample = sample or SampleConfig()
     if num < 1 or batch_size < 1:
         raise ValueError(f"--num ({num}) and --batch-size ({batch_size}) must be >= 1")
     world = distributed.init()
     dit, tokenizer, tokenizer_dir, guide = _load_models(dit_dir, tokenizer_dir, guide_dir, world.device)
+    source = {  # which weights, by export hash: a retrained run at the same path differs
+        "dit": str(Path(dit_dir).resolve()),
+        "dit_hash": export_hash(dit_dir),
+        "tokenizer": str(tokenizer_dir.resolve()),
+        "guide": str(guide_dir) if guide_dir else None,
+        "guide_hash": export_hash(guide_dir) if guide_dir else None,
+    }
+    cond, what = _conditions(dit, num=num, class_id=class_id, prompts=prompts, seed=sample.seed)
     with run_lock(out) as out:
-        return _generate(
-            dit,
-            tokenizer,
-            guide,
-            out,
-            num=num,
-            sample=sample,
-            class_id=class_id,
-            batch_size=batch_size,
-            save_pngs=save_pngs,
-            source={  # which weights, by export hash: a retrained run at the same path differs
-                "dit": str(Path(dit_dir).resolve()),
-                "dit_hash": export_hash(dit_dir),
-                "tokenizer": str(tokenizer_dir.resolve()),
-                "guide": str(guide_dir) if guide_dir else None,
-                "guide_hash": export_hash(guide_dir) if guide_dir else None,
-            },
+        kw = {"sample": sample, "batch_size": batch_size, "save_pngs": save_pngs}
+        return _generate(dit, tokenizer, guide, out, cond, record={**source, **what}, **kw)
+
+
+def _conditions(
+    dit: TrainedDiT, *, num: int, class_id: int | None, prompts: Sequence[str] | None, seed: int
+) -> tuple[Condition, dict[str, Any]]:
+    """The condition of every image to draw, and what sampling.json records of it."""
+    if dit.text is not None:
+        if prompts is None or not len(prompts):
+            raise ValueError(
+                "this DiT is text-conditioned: give --prompt TEXT (repeatable) or --prompts FILE"
+            )
+        if class_id is not None:
+            raise ValueError("this DiT is text-conditioned: --class does not apply; give prompts")
+        each = [p for p in prompts for _ in range(num)]
+        return encode_prompts(dit, each, torch.device("cpu")), {"num": num, "prompts": list(prompts)}
+    if prompts is not None:
+        raise ValueError(
+            "this DiT is class-conditional: --prompt does not apply; use --class or no condition"
         )
+    num_classes = dit.model.config.num_classes
+    if class_id is not None and not 0 <= class_id < num_classes:
+        raise ValueError(f"--class {class_id} is out of range: this DiT has classes 0..{num_classes - 1}")
+    gen = torch.Generator().manual_seed(seed)
+    labels = (
+        torch.full((num,), class_id, dtype=torch.long)
+        if class_id is not None
+        else sampling.balanced_labels(num, num_classes, generator=gen)
+    )
+    return labels, {"num": num, "class": class_id}
 
 
 def _generate(
@@ -175,28 +248,18 @@ def _generate(
     tokenizer: Tokenizer,
     guide: TrainedDiT | None,
     out: Path,
+    cond: Condition,
     *,
-    num: int,
+    record: dict[str, Any],
     sample: SampleConfig,
-    class_id: int | None,
     batch_size: int,
     save_pngs: bool,
-    source: dict,
 ) -> Path:
     world = distributed.world()
-    num_classes = dit.model.config.num_classes
-    if class_id is not None and not 0 <= class_id < num_classes:
-        raise ValueError(f"--class {class_id} is out of range: this DiT has classes 0..{num_classes - 1}")
-    gen = torch.Generator().manual_seed(sample.seed)
-    labels = (
-        torch.full((num,), class_id, dtype=torch.long)
-        if class_id is not None
-        else sampling.balanced_labels(num, num_classes, generator=gen)
-    )
-    record = {**source, "num": num, **sample.record(), "class": class_id, "batch_size": batch_size}
+    record = {**record, **sample.record(), "batch_size": batch_size}
     partial = _partial_dir(out, record, world)
     kw = {"batch_size": batch_size, "partial": partial, "world": world}
-    images, kept = _sample_batches(dit, tokenizer, guide, labels, sample, **kw)
+    images, kept = _sample_batches(dit, tokenizer, guide, cond, sample, **kw)
     if world.world_size > 1:
         gathered: list = [None] * world.world_size
         torch.distributed.all_gather_object(gathered, (images, kept))
@@ -210,8 +273,15 @@ def _generate(
         for i, img in enumerate(arr):
             save_image(img, out / "images" / f"{i:06d}.png")
     save_image(make_grid(arr[: min(len(arr), 64)]), out / "grid.png", scale=2)
-    save_npz(arr, out / "samples.npz", labels=labels.numpy())
+    if isinstance(cond, torch.Tensor):
+        save_npz(arr, out / "samples.npz", labels=cond.numpy())
+    else:
+        save_npz(arr, out / "samples.npz")
+        each = [p for p in record["prompts"] for _ in range(record["num"])]
+        lines = [json.dumps({"file": f"images/{i:06d}.png", "prompt": p}) for i, p in enumerate(each)]
+        with atomic_file(out / "prompts.jsonl") as tmp:
+            tmp.write_text("\n".join(lines) + "\n")
     write_json(record, out / "sampling.json")
     shutil.rmtree(partial)
-    print(f"{num} samples written to {out} (grid.png, samples.npz{', images/' if save_pngs else ''})")
+    print(f"{len(arr)} samples written to {out} (grid.png, samples.npz{', images/' if save_pngs else ''})")
     return out

@@ -20,7 +20,7 @@ import pytest
 import torch
 
 import aligntok
-from aligntok import distributed
+from aligntok import assets, distributed
 from aligntok.checkpoint import latest_checkpoint, read_training_state
 from aligntok.config import apply_overrides
 from aligntok.data.latents import LatentCache, build_cache
@@ -99,6 +99,9 @@ def _assert_same_grads(a: list[list[torch.Tensor]], b: list[list[torch.Tensor]])
             torch.testing.assert_close(x, y, rtol=1e-4, atol=1e-6)
 
 
+_needs_minilm = pytest.mark.skipif(not assets.is_present("minilm"), reason="needs the minilm asset")
+
+
 @pytest.fixture(scope="module")
 def cache(tmp_path_factory, image_folder, debug_tokenizer) -> Path:
     out = tmp_path_factory.mktemp("dist") / "cache"
@@ -106,24 +109,27 @@ def cache(tmp_path_factory, image_folder, debug_tokenizer) -> Path:
     return build_cache(tokenizer_dir=debug_tokenizer, data=data, out=out, flip=True, shard_size=5)
 
 
-def _dit_cfg(mode: str, **kw: Any):
+def _dit_cfg(mode: str, recipe: str = "debug", **kw: Any):
     sets = {"batch_size": 8, "log_every": 1, "parallel.mode": mode, **kw}
-    return apply_overrides(dit_train_recipe("debug"), [f"{k}={json.dumps(v)}" for k, v in sets.items()])
+    return apply_overrides(dit_train_recipe(recipe), [f"{k}={json.dumps(v)}" for k, v in sets.items()])
 
 
-def _dit_one_step(cache: Path, out: Path) -> None:
+def _dit_one_step(cache: Path, out: Path, recipe: str) -> None:
     for mode, bf16 in [(m, False) for m in MODES] + [("fsdp", True)]:
         run = out / f"{mode}-bf16" if bf16 else out / mode
         with _RecordGrads() as rec:
-            train_dit(_dit_cfg(mode, steps=1, bf16=bf16), latents=cache, out=run)
+            train_dit(_dit_cfg(mode, recipe, steps=1, bf16=bf16), latents=cache, out=run)
         if distributed.world().is_main:
             torch.save(rec.grads, run / "grads.pt")
 
 
-def test_dit_step_on_2_ranks_equals_one_process(cache, tmp_path) -> None:
+# The class DiT, and the text MMDiT on caption features (the captions of the image folder are its class names;
+# the caption cache is made on first use, here by the one-process run, and read by both ranks).
+@pytest.mark.parametrize("recipe", ["debug", pytest.param("t2i-debug", marks=_needs_minilm)])
+def test_dit_step_on_2_ranks_equals_one_process(cache, tmp_path, recipe) -> None:
     with _RecordGrads() as ref:
-        train_dit(_dit_cfg("none", steps=1), latents=cache, out=tmp_path / "one")
-    _spawn(_dit_one_step, cache, tmp_path)
+        train_dit(_dit_cfg("none", recipe, steps=1), latents=cache, out=tmp_path / "one")
+    _spawn(_dit_one_step, cache, tmp_path, recipe)
     ref_loss = read_log(tmp_path / "one" / "log.jsonl")[0]["loss"]
     for mode in MODES:
         _assert_same_grads(ref.grads, torch.load(tmp_path / mode / "grads.pt"))

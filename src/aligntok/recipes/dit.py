@@ -1,6 +1,9 @@
-"""DiT training recipes: a model size preset (aligntok.models.dit.DIT_PRESETS) plus its optimisation."""
+"""DiT training recipes: a model size preset (aligntok.models.dit.DIT_PRESETS, or for text conditioning
+aligntok.models.mmdit.MMDIT_PRESETS) plus its optimisation."""
 
 from __future__ import annotations
+
+import dataclasses
 
 from aligntok.train.dit import DiTTrainConfig
 
@@ -45,11 +48,39 @@ def _debug() -> DiTTrainConfig:
     )
 
 
+def _t2i_paper() -> DiTTrainConfig:
+    # docs/text.md: the paper trains a ~2B FLUX-style model at 256 px for 100K steps on LAION; its text
+    # encoder, batch size and optimiser are not given. Ours: the "t2i-paper" MMDiT size, the class recipe's
+    # AdamW settings, batch 1024, 10% caption dropout, QK-norm; a T5 / CLIP text folder is passed with
+    # --set text_encoder=PATH (the embedded MiniLM default is far smaller than what the paper's size expects).
+    return dataclasses.replace(
+        _paper(),
+        conditioning="text",
+        model="t2i-paper/1",
+        steps=100_000,
+        cosine_weight=0.0,
+        label_dropout=0.1,
+    )
+
+
+def _t2i_small(steps: int) -> DiTTrainConfig:
+    # Emoji captions on 2 CPU cores: the class recipe's optimisation on the CPU-sized MMDiT, QK-norm on (the
+    # joint attention over text and image tokens has no other bound on its logits).
+    return dataclasses.replace(_small(steps), conditioning="text", model="T/1", qk_norm=True)
+
+
+def _t2i_debug() -> DiTTrainConfig:
+    return dataclasses.replace(_debug(), conditioning="text", qk_norm=True)
+
+
 DIT_TRAIN_RECIPES = {
     "paper": _paper,
     "emoji": lambda: _small(4000),
     "fashion": lambda: _small(4000),
     "debug": _debug,
+    "t2i-paper": _t2i_paper,
+    "t2i-emoji": lambda: _t2i_small(4000),
+    "t2i-debug": _t2i_debug,
 }
 
 

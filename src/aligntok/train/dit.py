@@ -18,9 +18,11 @@ import torch
 from aligntok import distributed, flow
 from aligntok.checkpoint import latest_checkpoint, module_state, set_module_state
 from aligntok.config import check_ranges, save_json
+from aligntok.data.captions import CaptionCache, build_caption_cache
 from aligntok.data.latents import LatentCache
 from aligntok.exports import save_dit
 from aligntok.models.dit import DiT, dit_preset
+from aligntok.models.mmdit import MMDiT, drop_text, mmdit_preset
 from aligntok.parallelize import ParallelConfig, full_grad_norm, full_state, parallelize
 from aligntok.rundir import run_lock
 from aligntok.train.common import (
@@ -39,7 +41,11 @@ from aligntok.train.common import (
 
 @dataclass(kw_only=True)
 class DiTTrainConfig:
-    model: str = "debug"  # size preset and patch, e.g. "XL/1", "B/2", "debug"
+    # "class": the LightningDiT on class labels; "text": the MMDiT on caption features (docs/text.md)
+    conditioning: Literal["class", "text"] = "class"
+    model: str = "debug"  # size preset and patch of DIT_PRESETS ("XL/1", "B/2") or, for text, MMDIT_PRESETS
+    text_encoder: str = "minilm"  # text: the caption features' encoder, "minilm" or a local folder
+    text_max_length: int | None = None  # text: token limit of the captions (None: the encoder's own)
     qk_norm: bool = False  # docs/method.md: needed for long runs (diverged at 140-180K steps without)
     steps: int = 200
     batch_size: int = 32  # global, split over ranks
@@ -50,7 +56,7 @@ class DiTTrainConfig:
     schedule: Literal["constant", "cosine"] = "constant"
     grad_clip: float = 1.0
     ema_decay: float = 0.9999
-    label_dropout: float = 0.1  # probability a label is replaced by the null class (for guidance)
+    label_dropout: float = 0.1  # probability a label or caption is replaced by the null one (for guidance)
     t_sampling: Literal["logit_normal", "uniform"] = "logit_normal"
     t_mean: float = 0.0
     t_std: float = 1.0
@@ -74,12 +80,34 @@ class DiTTrainConfig:
         )
         if not all(0 <= b < 1 for b in self.betas):
             raise ValueError(f"DiTTrainConfig.betas={self.betas} must lie in [0, 1)")
+        if self.conditioning not in ("class", "text"):
+            raise ValueError(f"DiTTrainConfig.conditioning={self.conditioning!r}; use 'class' or 'text'")
+        if self.text_max_length is not None and self.text_max_length < 1:
+            raise ValueError(f"DiTTrainConfig.text_max_length={self.text_max_length} must be >= 1 (or None)")
 
 
-def build_dit(cfg: DiTTrainConfig, *, latent_shape: list[int], num_classes: int) -> DiT:
+def build_dit(
+    cfg: DiTTrainConfig, *, latent_shape: list[int], num_classes: int, text_dim: int | None = None
+) -> DiT | MMDiT:
+    """The DiT of `cfg` for latents of `latent_shape` (C, h, w): on `num_classes` labels, or, for text
+    conditioning, on caption features of width `text_dim`."""
     c, h, _ = latent_shape
+    if cfg.conditioning == "text":
+        if text_dim is None:
+            raise ValueError("build_dit: text conditioning needs text_dim, the caption features' width")
+        return MMDiT(
+            mmdit_preset(cfg.model, in_channels=c, input_size=h, text_dim=text_dim, qk_norm=cfg.qk_norm)
+        )
     config = dit_preset(cfg.model, in_channels=c, input_size=h, num_classes=num_classes, qk_norm=cfg.qk_norm)
     return DiT(config)
+
+
+def drop_condition(cond: Any, drop: torch.Tensor, *, null_class: int) -> Any:
+    """`cond` with the rows where `drop` is True replaced by the null condition that guidance contrasts
+    with: the null class for labels (B,), the learned null text for caption features (a dict)."""
+    if isinstance(cond, torch.Tensor):
+        return torch.where(drop, torch.full_like(cond, null_class), cond)
+    return drop_text(cond, drop)
 
 
 def draw_step_noise(
@@ -104,18 +132,19 @@ def draw_step_noise(
 def flow_matching_loss(
     model: torch.nn.Module,
     z0: torch.Tensor,
-    y: torch.Tensor,
+    cond: Any,
     noise: tuple[torch.Tensor, torch.Tensor, torch.Tensor],
     cfg: DiTTrainConfig,
     *,
     null_class: int,
 ) -> torch.Tensor:
-    """This rank's mean velocity loss on latents z0 (b, C, h, w) with labels y (b,) and this rank's slice
-    of `draw_step_noise`; `model` is the module `parallelize` returned."""
+    """This rank's mean velocity loss on latents z0 (b, C, h, w) with their condition (labels (b,) or
+    caption features, see `Conditions`) and this rank's slice of `draw_step_noise`; `model` is the module
+    `parallelize` returned."""
     drop, t, eps = noise
-    y = torch.where(drop, torch.full_like(y, null_class), y)
+    cond = drop_condition(cond, drop, null_class=null_class)
     with distributed.autocast(cfg.bf16):
-        pred = model(flow.interpolate(z0, eps, t), t, y)
+        pred = model(flow.interpolate(z0, eps, t), t, cond)
     return flow.flow_loss(pred.float(), flow.velocity_target(z0, eps), cosine_weight=cfg.cosine_weight).mean()
 
 
@@ -156,13 +185,56 @@ def cache_identity(cache: LatentCache) -> dict[str, Any]:
     return {"tokenizer_hash": meta["tokenizer"]["hash"], **{k: meta[k] for k in keys}, "items": len(cache)}
 
 
-def _check_same_latents(saved: dict[str, Any] | None, cache: LatentCache, last: Path) -> None:
-    now = cache_identity(cache)
+class Conditions:
+    """What a DiT run conditions on: the latent cache's class labels or, for text conditioning, the caption
+    features cached beside it (`aligntok.data.captions`, made on first use, a collective under torchrun).
+    `batch(idx, device)` is the condition of latent rows `idx`, before dropout."""
+
+    def __init__(self, cfg: DiTTrainConfig, cache: LatentCache) -> None:
+        self.cache = cache
+        self.captions: CaptionCache | None = None
+        if cfg.conditioning == "text":
+            kw = {"text_encoder": cfg.text_encoder, "max_length": cfg.text_max_length}
+            self.captions = CaptionCache.load(build_caption_cache(cache.path, **kw))
+
+    def batch(self, idx: torch.Tensor, device: torch.device) -> Any:
+        if self.captions is None:
+            return self.cache.labels[idx].to(device)
+        return {k: v.to(device) for k, v in self.captions.rows(idx).items()}
+
+    @property
+    def text_dim(self) -> int | None:
+        return None if self.captions is None else self.captions.dim
+
+    def identity(self) -> dict[str, Any]:
+        """What the run records of its data, and what a resume must find again."""
+        ident = cache_identity(self.cache)
+        if self.captions is not None:
+            ident["captions"] = self.captions.identity
+        return ident
+
+    def export_meta(self, cfg: DiTTrainConfig) -> dict[str, Any]:
+        """What sampling needs to encode prompts as the run's captions were: the encoder and its identity."""
+        if self.captions is None:
+            return {}
+        ident = self.captions.identity
+        return {
+            "text": {
+                "encoder": cfg.text_encoder,
+                "identity": ident["text_encoder"],
+                "length": ident["length"],
+            }
+        }
+
+
+def _check_same_data(saved: dict[str, Any] | None, conditions: Conditions, last: Path) -> None:
+    now = conditions.identity()
     if saved != now:
         differs = sorted(k for k in now if (saved or {}).get(k) != now[k])
         raise ValueError(
-            f"{last} was trained on other latents than {cache.path} (differs in: {', '.join(differs)}); "
-            "resume with the --latents it was started with, or start a new --out"
+            f"{last} was trained on other latents or captions than {conditions.cache.path} (differs in: "
+            f"{', '.join(differs)}); resume with the --latents and text encoder it was started with, or "
+            "start a new --out"
         )
 
 
@@ -178,19 +250,21 @@ def train_dit(cfg: DiTTrainConfig, *, latents: str | Path, out: str | Path, resu
         raise ValueError(
             f"batch_size {cfg.batch_size} exceeds the {len(cache)} latents of {latents}; lower it"
         )
+    conditions = Conditions(cfg, cache)
     with run_lock(out) as out:
-        return _train_dit(cfg, cache, out, resume=resume)
+        return _train_dit(cfg, conditions, out, resume=resume)
 
 
-def _train_dit(cfg: DiTTrainConfig, cache: LatentCache, out: Path, *, resume: bool) -> Path:
+def _train_dit(cfg: DiTTrainConfig, conditions: Conditions, out: Path, *, resume: bool) -> Path:
     world = distributed.world()
     ckpt_dir = out / "checkpoints"
     last = latest_checkpoint(ckpt_dir)
     if last is not None and not resume:
         raise ValueError(f"{out} already holds a run; pass --resume to continue it or choose a new --out")
-    device = world.device
+    device, cache = world.device, conditions.cache
     seed_everything(cfg.seed)
-    model = build_dit(cfg, latent_shape=cache.meta["latent_shape"], num_classes=cache.num_classes).to(device)
+    shape, num_classes, text_dim = cache.meta["latent_shape"], cache.num_classes, conditions.text_dim
+    model = build_dit(cfg, latent_shape=shape, num_classes=num_classes, text_dim=text_dim).to(device)
     train_model = parallelize(model, cfg.parallel, bf16=cfg.bf16)
     ema = EMA(model, cfg.ema_decay)
     opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, betas=cfg.betas, weight_decay=cfg.weight_decay)
@@ -200,7 +274,7 @@ def _train_dit(cfg: DiTTrainConfig, cache: LatentCache, out: Path, *, resume: bo
     if resume and last is not None:
         tensors = {"dit": module_state(model, opt), "ema": ema.shadow}
         state = load_checkpoint(last, cfg=cfg, tensors=tensors, generator=gen)
-        _check_same_latents(state.get("latents"), cache, last)
+        _check_same_data(state.get("latents"), conditions, last)
         set_module_state(model, opt, tensors["dit"])
         guard.load_state_dict(state["guard"])
         step = state["step"]
@@ -219,14 +293,14 @@ def _train_dit(cfg: DiTTrainConfig, cache: LatentCache, out: Path, *, resume: bo
             step, n=len(cache), batch=cfg.batch_size, seed=cfg.seed, rank=world.rank, world=world.world_size
         )
         z0 = cache.normalize(cache.rows(idx)).to(device)  # this rank's rows only are read
-        y = cache.labels[idx].to(device)
+        cond = conditions.batch(idx, device)
         shape = (cfg.batch_size, *z0.shape[1:])
         noise = tuple(a.chunk(world.world_size)[world.rank] for a in draw_step_noise(gen, cfg, shape, device))
         for group in opt.param_groups:
             group["lr"] = cfg.lr * lr_factor(
                 step, warmup=cfg.warmup_steps, total=cfg.steps, schedule=cfg.schedule
             )
-        loss = flow_matching_loss(train_model, z0, y, noise, cfg, null_class=cache.num_classes)
+        loss = flow_matching_loss(train_model, z0, cond, noise, cfg, null_class=cache.num_classes)
         loss_value, grad_norm, skipped = _optimizer_step(model, opt, ema, guard, loss, step, cfg, ckpt_dir)
         if skipped:
             log.write(step=step, event="skipped_step", loss=loss_value)
@@ -245,13 +319,13 @@ def _train_dit(cfg: DiTTrainConfig, cache: LatentCache, out: Path, *, resume: bo
             bar.set_postfix(loss=f"{loss_value:.4f}")
         if step % cfg.ckpt_every == 0 or step == cfg.steps:
             tensors = {"dit": module_state(model, opt), "ema": ema.shadow}
-            extra = {"guard": guard.state_dict(), "latents": cache_identity(cache)}
+            extra = {"guard": guard.state_dict(), "latents": conditions.identity()}
             save_checkpoint(ckpt_dir, step, cfg=cfg, tensors=tensors, generator=gen, **extra)
         if step in cfg.keep_checkpoints:
-            export_dit(model, ema, cfg, cache, kept_export(out, step))
+            export_dit(model, ema, cfg, conditions, kept_export(out, step))
     bar.close()
     export = out / "export"
-    export_dit(model, ema, cfg, cache, export)
+    export_dit(model, ema, cfg, conditions, export)
     distributed.barrier()
     distributed.print0(f"DiT trained for {step} steps; export at {export}")
     return export
@@ -262,12 +336,13 @@ def kept_export(out: str | Path, step: int) -> Path:
     return Path(out) / "exports" / f"step-{step:07d}"
 
 
-def export_dit(model: DiT, ema: EMA, cfg: DiTTrainConfig, cache: LatentCache, out: Path) -> None:
+def export_dit(model: DiT | MMDiT, ema: EMA, cfg: DiTTrainConfig, conditions: Conditions, out: Path) -> None:
     """The EMA weights as a DiT export (`aligntok.exports`). A collective under FSDP (the EMA shards are
     gathered); rank 0 writes."""
     weights = full_state(ema.state_dict())
     if not distributed.world().is_main:
         return
-    keys = ("mean", "std", "classes", "tokenizer")
+    cache, keys = conditions.cache, ("mean", "std", "classes", "tokenizer")
     latents = {"path": str(cache.path.resolve()), **{k: cache.meta[k] for k in keys}}
+    latents |= conditions.export_meta(cfg)
     save_dit(out, weights, config=model.config, train=cfg, latents=latents)
