@@ -212,22 +212,48 @@ def main() -> None:
     print(f"written: {json_path}")
 
 
+def variants(measured: dict[str, Any], start_step: int) -> dict[str, tuple[float, float]]:
+    """Every stage-2 variant the record holds from `start_step` (this run's grid and earlier runs'), by name,
+    with its (encoder lr, w_sp), in order of lr then w_sp."""
+    found = {}
+    for key in measured:
+        head, _, rest = key.partition("/")
+        if head == f"from{start_step}" and rest.count("/") == 1:
+            name = rest.split("/")[0]
+            lr, w = name.removeprefix("elr").split("-wsp")
+            found[name] = (float(lr), float(w))
+    return dict(sorted(found.items(), key=lambda kv: kv[1]))
+
+
 def plot(s: Settings, measured: dict[str, Any], start_step: int) -> None:
-    """Probe and CKNNA against stage-2 steps, one line per variant (step 0: the stage-1 export)."""
+    """Probe and CKNNA against stage-2 steps, one line per variant (step 0: the stage-1 export); and the
+    frontier: PSNR against each semantic measure at the last stage-2 step, one line per encoder lr through
+    its w_sp grid, beside the stage-1 export it started from."""
     base = measured.get(f"stage1/{start_step}", {}).get("value", {})
     kept = doubling(s.stage2_steps, S2_FIRST)
+    found = variants(measured, start_step)
+    value = lambda name, k: measured.get(f"from{start_step}/{name}/{k}", {}).get("value")  # noqa: E731
     for metric in ("probe_balanced", "cknna"):
         series = {}
-        for lr in s.encoder_lrs:
-            for w in s.sp_weights:
-                keys = {k: f"from{start_step}/{variant_name(lr, w)}/{k}" for k in kept}
-                points = [(0, base[metric])] if metric in base else []
-                points += [(k, measured[key]["value"][metric]) for k, key in keys.items() if key in measured]
-                series[f"encoder lr {lr:g}, w_sp {w:g}"] = points
+        for name, (lr, w) in found.items():
+            points = [(0, base[metric])] if metric in base else []
+            points += [(k, value(name, k)[metric]) for k in kept if value(name, k)]
+            series[f"encoder lr {lr:g}, w_sp {w:g}"] = points
         path = ROOT / "docs" / "img" / f"stage2-{s.dataset}-{metric}.png"
         plot_curves(
             series, path, title=f"{s.dataset}: {metric} in stage 2", xlabel="stage-2 step", ylabel=metric
         )
+        frontier: dict[str, list[tuple[float, float]]] = {}
+        for name, (lr, _) in found.items():
+            if value(name, s.stage2_steps):
+                frontier.setdefault(f"stage 2, encoder lr {lr:g} (w_sp grid)", []).append(
+                    (value(name, s.stage2_steps)[metric], value(name, s.stage2_steps)["psnr"])
+                )
+        if base:
+            frontier[f"stage-1 export (step {start_step})"] = [(base[metric], base["psnr"])]
+        path = ROOT / "docs" / "img" / f"stage2-{s.dataset}-frontier-{metric}.png"
+        title = f"{s.dataset}: reconstruction vs {metric} after {s.stage2_steps} stage-2 steps"
+        plot_curves(frontier, path, title=title, xlabel=metric, ylabel="val PSNR (dB)")
 
 
 if __name__ == "__main__":
