@@ -13,6 +13,8 @@ so a probe that always answers it scores 60% plain and 1/9 balanced.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor
@@ -53,10 +55,14 @@ def _split(
     return xa, ya, xb.to(xa.device), yb.to(xa.device)
 
 
+def _moments(train: Tensor) -> tuple[Tensor, Tensor]:
+    """Per-dimension mean and std (1, D) of the training set, as every protocol here standardises."""
+    return train.mean(0, keepdim=True), train.std(0, unbiased=False, keepdim=True) + _STD_EPS
+
+
 def _standardize(train: Tensor, test: Tensor) -> tuple[Tensor, Tensor]:
     """Both sets standardised per dimension with the training set's mean and std (no test statistics)."""
-    mean = train.mean(0, keepdim=True)
-    std = train.std(0, unbiased=False, keepdim=True) + _STD_EPS
+    mean, std = _moments(train)
     return (train - mean) / std, (test - mean) / std
 
 
@@ -74,29 +80,35 @@ def _scores(pred: Tensor, target: Tensor) -> dict[str, float]:
     }
 
 
-def linear_probe(
-    train_x: Tensor,
-    train_y: Tensor,
-    test_x: Tensor,
-    test_y: Tensor,
-    *,
-    num_classes: int,
-    seed: int = 0,
-) -> dict[str, float]:
-    """Multinomial logistic regression on train features, scored on test features.
+@dataclass(frozen=True)
+class ProbeFit:
+    """A fitted linear probe: features are flattened, standardised with the training `mean` / `std` (1, D),
+    then scored as x @ weight + bias (weight (D, K), bias (K,))."""
 
-    Protocol: features flattened and standardised with the training mean/std; weights start at zero and
-    full-batch L-BFGS (strong Wolfe line search, at most PROBE_MAX_ITER iterations) minimises mean
-    cross-entropy + PROBE_L2 / 2 * |W|^2. The problem is convex and the start fixed, so the result does not
-    depend on `seed` (kept so that every protocol has the same signature) beyond float rounding. Runs on
-    the device of `train_x`. Returns accuracy, balanced_accuracy (mean per-class recall), train_accuracy.
+    mean: Tensor
+    std: Tensor
+    weight: Tensor
+    bias: Tensor
+
+    def standardize(self, x: Tensor) -> Tensor:
+        return (_flat(x, "x").to(self.mean.device) - self.mean) / self.std
+
+    def logits(self, x: Tensor) -> Tensor:
+        """Class scores (N, K) of features (N, ...)."""
+        return self.standardize(x) @ self.weight + self.bias
+
+
+def fit_linear_probe(train_x: Tensor, train_y: Tensor, *, num_classes: int) -> ProbeFit:
+    """The multinomial logistic regression of `linear_probe` (its protocol), returned as weights.
+
+    Runs on the device of `train_x`; the result's tensors are detached and stay there.
     """
-    del seed  # deterministic by construction: zero init, full batch
-    xa, ya, xb, yb = _split(train_x, train_y, test_x, test_y)
-    for name, y in (("train_y", ya), ("test_y", yb)):
-        if len(y) and (int(y.min()) < 0 or int(y.max()) >= num_classes):
-            raise ValueError(f"{name} holds labels outside 0..{num_classes - 1}; check num_classes")
-    xa, xb = _standardize(xa, xb)
+    xa = _flat(train_x, "train_x")
+    ya = _labels(train_y, len(xa), "train_y").to(xa.device)
+    if int(ya.min()) < 0 or int(ya.max()) >= num_classes:
+        raise ValueError(f"train_y holds labels outside 0..{num_classes - 1}; check num_classes")
+    mean, std = _moments(xa)
+    xa = (xa - mean) / std
     w = torch.zeros(xa.shape[1], num_classes, device=xa.device, requires_grad=True)
     b = torch.zeros(num_classes, device=xa.device, requires_grad=True)
     opt = torch.optim.LBFGS(
@@ -117,9 +129,36 @@ def linear_probe(
 
     with torch.enable_grad():
         opt.step(closure)
+    return ProbeFit(mean=mean, std=std, weight=w.detach(), bias=b.detach())
+
+
+def linear_probe(
+    train_x: Tensor,
+    train_y: Tensor,
+    test_x: Tensor,
+    test_y: Tensor,
+    *,
+    num_classes: int,
+    seed: int = 0,
+) -> dict[str, float]:
+    """Multinomial logistic regression on train features, scored on test features.
+
+    Protocol: features flattened and standardised with the training mean/std; weights start at zero and
+    full-batch L-BFGS (strong Wolfe line search, at most PROBE_MAX_ITER iterations) minimises mean
+    cross-entropy + PROBE_L2 / 2 * |W|^2. The problem is convex and the start fixed, so the result does not
+    depend on `seed` (kept so that every protocol has the same signature) beyond float rounding. Runs on
+    the device of `train_x`. Returns accuracy, balanced_accuracy (mean per-class recall), train_accuracy.
+    `fit_linear_probe` returns the fitted weights instead.
+    """
+    del seed  # deterministic by construction: zero init, full batch
+    xa, ya, xb, yb = _split(train_x, train_y, test_x, test_y)
+    for name, y in (("train_y", ya), ("test_y", yb)):
+        if len(y) and (int(y.min()) < 0 or int(y.max()) >= num_classes):
+            raise ValueError(f"{name} holds labels outside 0..{num_classes - 1}; check num_classes")
+    probe = fit_linear_probe(xa, ya, num_classes=num_classes)
     with torch.no_grad():
-        out = _scores((xb @ w + b).argmax(1), yb)
-        out["train_accuracy"] = float(((xa @ w + b).argmax(1) == ya).float().mean())
+        out = _scores(probe.logits(xb).argmax(1), yb)
+        out["train_accuracy"] = float((probe.logits(xa).argmax(1) == ya).float().mean())
     return {**out, "num_train": len(xa), "num_test": len(xb)}
 
 
@@ -278,9 +317,11 @@ __all__ = [
     "CKNNA_MIN_ITEMS",
     "PROBE_L2",
     "PROBE_MAX_ITER",
+    "ProbeFit",
     "balanced_accuracy",
     "cknna",
     "cknna_centered_mask",
+    "fit_linear_probe",
     "hsic_unbiased",
     "knn_accuracy",
     "linear_probe",

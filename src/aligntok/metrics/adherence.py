@@ -1,0 +1,588 @@
+"""Prompt adherence: does a generated image show what it was asked for? Two models built offline.
+
+CLIP and the GenEval detectors cannot be fetched here (docs/design.md section 3), so both models are small
+heads on frozen ImageNet features, trained on a dataset's real TRAINING images:
+
+- `CategoryClassifier`: the class of an image (a class-conditional sample should show its class). The
+  linear probe of `metrics.semantics` (same objective and solver), kept with its weights.
+- `ContrastiveAdherence`: image-text agreement, CLIP-style (Radford et al. 2021): two linear projections of
+  frozen image and text features to a shared space, L2-normalised, a learned temperature, the symmetric
+  InfoNCE loss. Text features are a plain (N, D) tensor: this module does not depend on a text encoder.
+
+Image features (`image_features`): EfficientNet-Lite0's pooled final features (1280-d: head conv, BN, swish,
+global average pool; the input of its ImageNet classifier), images enlarged to FEATURE_INPUT_SIZE first.
+Float images are rounded to uint8 as samples are saved (`files.to_uint8`), so in-memory samples and their
+PNGs score the same.
+
+Measured on emoji at 32 px (real val images; the ceiling a generator can reach), one CPU core:
+MEASURED_PLACEHOLDER
+"""
+
+from __future__ import annotations
+
+import functools
+import hashlib
+import json
+import math
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from safetensors.torch import load_file, save_file
+from torch import Tensor, nn
+from tqdm.auto import tqdm
+
+from aligntok import assets, distributed
+from aligntok.data import DATASETS, ArrayImageDataset, build_dataset
+from aligntok.files import write_json
+from aligntok.metrics.semantics import ProbeFit, balanced_accuracy, fit_linear_probe
+from aligntok.models.encoders import EncoderConfig, build_encoder
+
+FEATURE_ENCODER = "efficientnet-lite0"
+FEATURE_DIM = 1280
+# Images are enlarged (bilinear, antialias) to this size before the encoder: EfficientNet-Lite0's own
+# training size. Chosen by 5-fold group-disjoint cross-validation on the 32 px emoji TRAIN split (val kept
+# out), input 64 / 96 / 128 / 160 / 224 px: the category probe's balanced accuracy 62.4 / 64.6 / 66.8 / 67.8 /
+# 69.6%, the contrastive model's top-1 among held-out captions 21.5 / 25.0 / 26.0 / 28.5 / 31.0%; 224 beat
+# 160 on every fold in both. The cost grows with the pixels: 224 px is about 5x the time of 96 px.
+FEATURE_INPUT_SIZE = 224
+WEIGHTS_NAME = "model.safetensors"
+RECORD_NAME = "record.json"
+MAX_LOG_SCALE = math.log(100.0)  # CLIP clips the logit scale (1 / temperature) at 100
+
+
+# Image features
+
+
+@functools.lru_cache(maxsize=2)
+def _encoder(input_size: int, device: str) -> nn.Module:
+    cfg = EncoderConfig(name=FEATURE_ENCODER, block=15, input_size=input_size)
+    return build_encoder(cfg).to(device).eval().requires_grad_(False)
+
+
+@functools.lru_cache(maxsize=1)
+def _encoder_sha256() -> str:
+    return assets.sha256_file(assets.require(FEATURE_ENCODER) / "model.safetensors")
+
+
+def feature_extractor(input_size: int = FEATURE_INPUT_SIZE) -> dict[str, Any]:
+    """What `image_features` computes, for records: the network, its weights' sha256, the input size."""
+    return {
+        "name": FEATURE_ENCODER,
+        "features": f"pooled final features ({FEATURE_DIM})",
+        "input_size": input_size,
+        "weights_sha256": _encoder_sha256(),
+    }
+
+
+def _pooled(encoder: nn.Module, images: Tensor) -> Tensor:
+    """(B, 3, H, W) in [0, 1] -> (B, 1280): all 16 blocks, then the head conv, BN, swish, average pool."""
+    net = encoder.net
+    x = encoder.features(images)  # (B, 320, h, w): block 15
+    x = net._swish(net._bn1(net._conv_head(x)))  # (B, 1280, h, w)
+    return x.mean((2, 3))
+
+
+def _as_uint8_nchw(images: Tensor | np.ndarray) -> Tensor:
+    """Images as uint8 (N, 3, H, W) on their device: float tensors (N, 1 | 3, H, W) in [0, 1] are rounded
+    as `files.to_uint8` does; uint8 tensors (N, 1 | 3, H, W) and uint8 arrays (N, H, W, 1 | 3) pass."""
+    if isinstance(images, np.ndarray):
+        if images.dtype != np.uint8 or images.ndim != 4 or images.shape[-1] not in (1, 3):
+            raise ValueError(f"image arrays must be uint8 (N, H, W, 3), got {images.dtype} {images.shape}")
+        images = torch.from_numpy(np.ascontiguousarray(images)).permute(0, 3, 1, 2)
+    if not isinstance(images, Tensor) or images.ndim != 4 or images.shape[1] not in (1, 3):
+        shape = tuple(getattr(images, "shape", ()))
+        raise ValueError(f"images must be a tensor (N, 3, H, W) or a uint8 array (N, H, W, 3), got {shape}")
+    if images.dtype != torch.uint8:
+        if not images.is_floating_point():
+            raise ValueError(f"image tensors must be float in [0, 1] or uint8, got {images.dtype}")
+        images = images.detach().clamp(0, 1).mul(255).round().to(torch.uint8)
+    return images.expand(-1, 3, -1, -1) if images.shape[1] == 1 else images
+
+
+@torch.no_grad()
+def image_features(
+    images: Tensor | np.ndarray,
+    *,
+    batch_size: int = 256,
+    bf16: bool = False,
+    input_size: int = FEATURE_INPUT_SIZE,
+    device: torch.device | str | None = None,
+    progress: bool | None = None,
+) -> Tensor:
+    """EfficientNet-Lite0 pooled final features (N, 1280), float32 on the CPU.
+
+    `images`: float (N, 3, H, W) in [0, 1] (rounded to uint8 first), uint8 (N, 3, H, W), or a uint8 numpy
+    array (N, H, W, 3); gray (one channel) is repeated. Enlarged to `input_size`; run under no_grad in
+    batches of `batch_size`, in bf16 autocast when `bf16`, on `device` (default: the process's device).
+    A progress bar shows for more than one batch unless `progress` is False.
+    """
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+    images = _as_uint8_nchw(images)
+    if len(images) == 0:
+        raise ValueError("no images to compute features of")
+    dev = torch.device(device) if device is not None else distributed.device()
+    encoder = _encoder(int(input_size), str(dev))
+    show = len(images) > batch_size if progress is None else progress
+    out = []
+    for lo in tqdm(range(0, len(images), batch_size), desc="adherence features", disable=not show):
+        x = images[lo : lo + batch_size].to(dev).float().div_(255.0).contiguous()  # NCHW layout: same sums
+        with distributed.autocast(bf16, device_type=dev.type):
+            out.append(_pooled(encoder, x).float().cpu())
+    return torch.cat(out)  # (N, 1280)
+
+
+# Real images of a dataset
+
+
+@dataclass
+class RealImages:
+    images: Tensor  # uint8 (N, 3, H, W)
+    labels: Tensor  # (N,)
+    captions: list[str]
+    classes: list[str]
+
+
+def real_images(
+    dataset: str | Path, *, split: str = "train", resolution: int, num: int | None = None, seed: int = 0
+) -> RealImages:
+    """The images (uint8), labels and captions of `dataset`'s `split` at `resolution` (`build_dataset`);
+    with `num`, a random subset of that many (drawn with `seed`, kept in dataset order; all if fewer)."""
+    if num is not None and num < 1:
+        raise ValueError(f"num must be >= 1 (or None for every image), got {num}")
+    ds = build_dataset(dataset, split=split, resolution=resolution)
+    if isinstance(ds, torch.utils.data.IterableDataset):
+        items = [item for _, item in zip(range(num or 2**62), ds)]  # a stream: its first `num` items
+    else:
+        pick = torch.arange(len(ds))
+        if num is not None:
+            order = torch.randperm(len(ds), generator=torch.Generator().manual_seed(seed))
+            pick = order[:num].sort().values
+        if isinstance(ds, ArrayImageDataset):  # held in memory as uint8 (named datasets): no per-item copy
+            return RealImages(
+                images=ds.images[pick].expand(-1, 3, -1, -1).contiguous(),
+                labels=ds.labels[pick].clone(),
+                captions=[ds.captions[i] for i in pick.tolist()],
+                classes=list(ds.classes),
+            )
+        items = [ds[i] for i in pick.tolist()]
+    if not items:
+        raise ValueError(f"dataset {str(dataset)!r} has no {split} images")
+    return RealImages(
+        images=_as_uint8_nchw(torch.stack([it["image"] for it in items])),
+        labels=torch.tensor([int(it["label"]) for it in items]),
+        captions=[str(it["caption"]) for it in items],
+        classes=list(ds.classes),
+    )
+
+
+# Saving: safetensors weights + a JSON record holding their sha256
+
+
+def _save(directory: str | Path, tensors: dict[str, Tensor], record: dict[str, Any]) -> Path:
+    """Write weights, then the record with their sha256 (the record last: its presence means complete)."""
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    with assets.atomic_file(directory / WEIGHTS_NAME) as tmp:
+        save_file({k: v.detach().cpu().contiguous() for k, v in tensors.items()}, str(tmp))
+    record = {**record, "weights_sha256": assets.sha256_file(directory / WEIGHTS_NAME)}
+    write_json(record, directory / RECORD_NAME)
+    return directory
+
+
+def _load(directory: str | Path, kind: str) -> tuple[dict[str, Tensor], dict[str, Any]]:
+    directory = Path(directory)
+    rec_path, weights = directory / RECORD_NAME, directory / WEIGHTS_NAME
+    if not rec_path.is_file() or not weights.is_file():
+        raise ValueError(f"{directory} holds no saved {kind} ({RECORD_NAME} + {WEIGHTS_NAME}); fit one first")
+    record = json.loads(rec_path.read_text())
+    if record.get("kind") != kind:
+        raise ValueError(f"{directory} holds a {record.get('kind')!r}, not a {kind!r}")
+    if assets.sha256_file(weights) != record.get("weights_sha256"):
+        raise ValueError(f"{weights} does not match the sha256 in its {RECORD_NAME}; fit and save it again")
+    return load_file(str(weights)), record
+
+
+# Category classifier
+
+
+@dataclass
+class CategoryClassifier:
+    """A linear classifier on `image_features`, fitted on a dataset's real training images.
+
+    `probe` holds the standardisation (training mean / std) and the weights; `classes` the label names;
+    `record` where it came from (dataset, split, number of images, seed, feature extractor).
+    """
+
+    probe: ProbeFit
+    classes: list[str]
+    record: dict[str, Any] = field(default_factory=dict)
+
+    KIND = "category-classifier"
+
+    @property
+    def input_size(self) -> int:
+        return int(self.record.get("feature_extractor", {}).get("input_size", FEATURE_INPUT_SIZE))
+
+    def features(self, images: Tensor | np.ndarray, **kwargs: Any) -> Tensor:
+        """`image_features` at the input size this classifier was fitted with (keywords passed on)."""
+        return image_features(images, input_size=self.input_size, **kwargs)
+
+    @torch.no_grad()
+    def predict_features(self, feats: Tensor) -> Tensor:
+        """Labels (N,) of image features (N, 1280)."""
+        return self.probe.logits(feats).argmax(1).cpu()
+
+    def predict(self, images: Tensor | np.ndarray, **kwargs: Any) -> Tensor:
+        """Labels (N,) of images (any form `image_features` takes; its keywords passed on)."""
+        return self.predict_features(self.features(images, **kwargs))
+
+    def accuracy_of_features(self, feats: Tensor, labels: Tensor) -> dict[str, Any]:
+        """Overall accuracy, balanced accuracy (mean per-class recall over the classes present) and the
+        recall of each class present in `labels` (by class name)."""
+        pred = self.predict_features(feats)
+        labels = torch.as_tensor(labels).long().flatten().cpu()
+        if len(labels) != len(pred):
+            raise ValueError(f"{len(labels)} labels for {len(pred)} images; pass one label per image")
+        if int(labels.min()) < 0 or int(labels.max()) >= len(self.classes):
+            raise ValueError(f"labels must lie in 0..{len(self.classes) - 1} (this classifier's classes)")
+        per_class = {
+            self.classes[c]: float((pred[labels == c] == c).float().mean()) for c in labels.unique().tolist()
+        }
+        return {
+            "overall": float((pred == labels).float().mean()),
+            "balanced": balanced_accuracy(pred, labels),
+            "per_class": per_class,
+            "num": len(labels),
+        }
+
+    def accuracy(self, images: Tensor | np.ndarray, labels: Tensor, **kwargs: Any) -> dict[str, Any]:
+        """`accuracy_of_features` of images (keywords passed on to `image_features`)."""
+        return self.accuracy_of_features(self.features(images, **kwargs), labels)
+
+    def save(self, directory: str | Path) -> Path:
+        p = self.probe
+        tensors = {"mean": p.mean.flatten(), "std": p.std.flatten(), "weight": p.weight, "bias": p.bias}
+        return _save(directory, tensors, {**self.record, "kind": self.KIND, "classes": self.classes})
+
+    @classmethod
+    def load(cls, directory: str | Path) -> CategoryClassifier:
+        t, record = _load(directory, cls.KIND)
+        probe = ProbeFit(mean=t["mean"][None], std=t["std"][None], weight=t["weight"], bias=t["bias"])
+        return cls(probe=probe, classes=list(record["classes"]), record=record)
+
+
+def fit_category_classifier(
+    dataset: str | Path,
+    *,
+    resolution: int,
+    seed: int = 0,
+    num: int | None = None,
+    input_size: int = FEATURE_INPUT_SIZE,
+    batch_size: int = 256,
+    bf16: bool = False,
+) -> CategoryClassifier:
+    """Fit the category classifier on `dataset`'s real training images at `resolution` (all, or a random
+    `num` drawn with `seed`): `image_features`, then `semantics.fit_linear_probe` (the probe's protocol)."""
+    real = real_images(dataset, split="train", resolution=resolution, num=num, seed=seed)
+    feats = image_features(real.images, batch_size=batch_size, bf16=bf16, input_size=input_size)
+    probe = fit_linear_probe(feats, real.labels, num_classes=len(real.classes))
+    train_acc = float((probe.logits(feats).argmax(1) == real.labels).float().mean())
+    record = {
+        "dataset": str(dataset),
+        "split": "train",
+        "resolution": resolution,
+        "num_images": len(real.labels),
+        "num_requested": num,
+        "seed": seed,
+        "bf16": bf16,
+        "feature_extractor": feature_extractor(input_size),
+        "train_accuracy": train_acc,
+    }
+    return CategoryClassifier(probe=probe, classes=real.classes, record=record)
+
+
+def _cache_name(dataset: str | Path, resolution: int, seed: int, num: int | None, input_size: int) -> str:
+    name = str(dataset)
+    if name not in DATASETS:
+        path = str(Path(name).expanduser().resolve())
+        safe = re.sub(r"[^A-Za-z0-9_.-]+", "_", Path(path).name)[:40]
+        name = f"{safe}-{hashlib.sha256(path.encode()).hexdigest()[:12]}"
+    return f"category-{name}-{resolution}px-in{input_size}-seed{seed}" + (f"-n{num}" if num else "")
+
+
+def category_classifier(
+    dataset: str | Path,
+    resolution: int,
+    *,
+    cache_dir: str | Path,
+    seed: int = 0,
+    num: int | None = None,
+    input_size: int = FEATURE_INPUT_SIZE,
+) -> CategoryClassifier:
+    """The category classifier of (dataset, resolution) from `cache_dir`, or fitted and saved there
+    (atomically) when absent or made with other encoder weights."""
+    target = Path(cache_dir) / _cache_name(dataset, resolution, seed, num, input_size)
+    if (target / RECORD_NAME).is_file():
+        try:
+            clf = CategoryClassifier.load(target)
+        except ValueError:
+            clf = None  # damaged: fitted again below
+        if clf is not None and clf.record.get("feature_extractor") == feature_extractor(input_size):
+            return clf
+    clf = fit_category_classifier(dataset, resolution=resolution, seed=seed, num=num, input_size=input_size)
+    with assets.atomic_dir(target) as tmp:
+        clf.save(tmp)
+    return CategoryClassifier.load(target)
+
+
+# Contrastive image-text model
+
+
+def contrastive_loss(image_emb: Tensor, text_emb: Tensor, caption_ids: Tensor, scale: Tensor) -> Tensor:
+    """Symmetric InfoNCE (Radford et al. 2021) of a batch of B (image, text) pairs, unit-norm (B, E) each,
+    with duplicate captions handled: the target of image i is uniform over the texts whose caption equals
+    its own (and symmetrically for texts), so a second image of the same caption is a positive, never a
+    negative. Without duplicates it is exactly CLIP's loss: the mean of the two cross-entropies with targets
+    arange(B). With k copies of a caption in the batch its rows' cross-entropy is floored at log(k) (the
+    target's entropy) and its gradient vanishes when the copies share the probability equally.
+    """
+    logits = scale * image_emb @ text_emb.T  # (B, B): images x texts
+    ids = torch.as_tensor(caption_ids, device=logits.device).flatten()
+    same = (ids[:, None] == ids[None, :]).float()  # symmetric, so one matrix serves both directions
+    target = same / same.sum(1, keepdim=True)
+    i2t = -(target * logits.log_softmax(1)).sum(1).mean()
+    t2i = -(target * logits.log_softmax(0)).sum(0).mean()
+    return (i2t + t2i) / 2
+
+
+def retrieval_ranks(similarity: Tensor, true_index: Tensor) -> Tensor:
+    """Rank (1 = best) of each row's true column among all columns of `similarity` (N, M). Ties count
+    against the true column (rank = number of columns scoring at least as high), so a constant score ranks
+    last, not first."""
+    idx = torch.as_tensor(true_index, device=similarity.device).long().flatten()
+    if similarity.ndim != 2 or len(idx) != similarity.shape[0]:
+        raise ValueError(
+            f"need similarity (N, M) and N true indices, got {tuple(similarity.shape)}, {len(idx)}"
+        )
+    if len(idx) and (int(idx.min()) < 0 or int(idx.max()) >= similarity.shape[1]):
+        raise ValueError(f"true_index must lie in 0..{similarity.shape[1] - 1} (the candidate columns)")
+    true = similarity.gather(1, idx[:, None])  # (N, 1)
+    return (similarity >= true).sum(1)
+
+
+def retrieval_scores(similarity: Tensor, true_index: Tensor) -> dict[str, float]:
+    """top1, top5 (fractions of rows whose true column ranks first / in the first five), mean_rank, and
+    num_candidates with the chance levels of those (top1 1/M, top5 5/M, mean rank (M + 1) / 2)."""
+    ranks = retrieval_ranks(similarity, true_index).float()
+    m = similarity.shape[1]
+    return {
+        "top1": float((ranks <= 1).float().mean()),
+        "top5": float((ranks <= 5).float().mean()),
+        "mean_rank": float(ranks.mean()),
+        "num_candidates": m,
+        "chance_top1": 1 / m,
+        "chance_top5": min(5, m) / m,
+        "chance_mean_rank": (m + 1) / 2,
+    }
+
+
+class ContrastiveAdherence(nn.Module):
+    """CLIP-style agreement of frozen image features (N, Di) and frozen text features (N, Dt).
+
+    Each side is standardised with its training mean / std (buffers), projected linearly to `dim` and
+    L2-normalised; `log_scale` is the learned log inverse temperature (clipped at log 100, as in CLIP).
+    """
+
+    KIND = "contrastive-adherence"
+
+    def __init__(self, image_dim: int, text_dim: int, *, dim: int = 128, temperature: float = 0.07) -> None:
+        super().__init__()
+        if min(image_dim, text_dim, dim) < 1 or not temperature > 0:
+            raise ValueError(
+                f"need positive dims and temperature, got {image_dim}, {text_dim}, {dim}, {temperature}"
+            )
+        self.image_proj = nn.Linear(image_dim, dim)
+        self.text_proj = nn.Linear(text_dim, dim)
+        self.log_scale = nn.Parameter(torch.tensor(math.log(1 / temperature)))
+        for name, d in (("image", image_dim), ("text", text_dim)):
+            self.register_buffer(f"{name}_mean", torch.zeros(d))
+            self.register_buffer(f"{name}_std", torch.ones(d))
+        self.record: dict[str, Any] = {}
+
+    def _side(self, feats: Tensor, side: str) -> Tensor:
+        mean, std = getattr(self, f"{side}_mean"), getattr(self, f"{side}_std")
+        feats = torch.as_tensor(feats).to(mean.device, torch.float32)
+        if feats.ndim != 2 or feats.shape[1] != len(mean):
+            raise ValueError(f"{side} features must have shape (N, {len(mean)}), got {tuple(feats.shape)}")
+        proj = self.image_proj if side == "image" else self.text_proj
+        return F.normalize(proj((feats - mean) / std), dim=1)
+
+    def embed_images(self, feats: Tensor) -> Tensor:
+        """Unit embeddings (N, dim) of image features (N, Di)."""
+        return self._side(feats, "image")
+
+    def embed_texts(self, feats: Tensor) -> Tensor:
+        """Unit embeddings (M, dim) of text features (M, Dt)."""
+        return self._side(feats, "text")
+
+    @torch.no_grad()
+    def similarity(self, image_feats: Tensor, text_feats: Tensor) -> Tensor:
+        """Cosine similarities (N, M) of every image with every text."""
+        return self.embed_images(image_feats) @ self.embed_texts(text_feats).T
+
+    @torch.no_grad()
+    def scores(self, image_feats: Tensor, text_feats: Tensor) -> Tensor:
+        """Cosine similarity (N,) of each image with its own text (row i with row i)."""
+        return (self.embed_images(image_feats) * self.embed_texts(text_feats)).sum(1)
+
+    def retrieval(self, image_feats: Tensor, text_feats_of_candidates: Tensor, true_index: Tensor) -> dict:
+        """For each image, the rank of its own prompt (`true_index` into the candidates, e.g. the unique
+        validation prompts) among all candidates: `retrieval_scores`."""
+        return retrieval_scores(self.similarity(image_feats, text_feats_of_candidates), true_index)
+
+    def save(self, directory: str | Path) -> Path:
+        record = {**self.record, "kind": self.KIND, "dims": self._dims()}
+        return _save(directory, dict(self.state_dict()), record)
+
+    def _dims(self) -> dict[str, int]:
+        return {
+            "image": self.image_proj.in_features,
+            "text": self.text_proj.in_features,
+            "dim": self.image_proj.out_features,
+        }
+
+    @classmethod
+    def load(cls, directory: str | Path) -> ContrastiveAdherence:
+        state, record = _load(directory, cls.KIND)
+        dims = record["dims"]
+        model = cls(dims["image"], dims["text"], dim=dims["dim"])
+        model.load_state_dict(state)
+        model.record = record
+        return model.eval()
+
+
+def _check_pairs(
+    image_feats: Tensor, text_feats: Tensor, caption_ids: Tensor
+) -> tuple[Tensor, Tensor, Tensor]:
+    xi, xt = torch.as_tensor(image_feats).float(), torch.as_tensor(text_feats).float()
+    ids = torch.as_tensor(caption_ids).long().flatten()
+    if xi.ndim != 2 or xt.ndim != 2 or not len(xi) == len(xt) == len(ids):
+        raise ValueError(
+            f"need image features (N, Di), text features (N, Dt) and N caption ids for N pairs, got "
+            f"{tuple(xi.shape)}, {tuple(xt.shape)} and {len(ids)}"
+        )
+    if len(ids) < 2:
+        raise ValueError("a contrastive model needs at least 2 (image, text) pairs")
+    return xi, xt.to(xi.device), ids.to(xi.device)
+
+
+def _train(
+    model: ContrastiveAdherence,
+    xi: Tensor,
+    xt: Tensor,
+    ids: Tensor,
+    *,
+    steps: int,
+    lr: float,
+    weight_decay: float,
+    batch_size: int,
+    seed: int,
+) -> Tensor:
+    """`fit_contrastive`'s loop; returns the loss of every step (steps,)."""
+    decay = [model.image_proj.weight, model.text_proj.weight]
+    rest = [model.image_proj.bias, model.text_proj.bias, model.log_scale]
+    groups = [{"params": decay, "weight_decay": weight_decay}, {"params": rest, "weight_decay": 0.0}]
+    opt = torch.optim.AdamW(groups, lr=lr)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 0.5 * (1 + math.cos(math.pi * s / steps)))
+    gen = torch.Generator().manual_seed(seed)
+    order, pos, losses = torch.empty(0, dtype=torch.long), 0, []
+    model.train()
+    for _ in range(steps):
+        if pos + batch_size > len(order):  # a new epoch: every pair once, in a fresh order
+            order, pos = torch.randperm(len(ids), generator=gen).to(xi.device), 0
+        idx, pos = order[pos : pos + batch_size], pos + batch_size
+        with torch.enable_grad():
+            emb_i, emb_t = model.embed_images(xi[idx]), model.embed_texts(xt[idx])
+            loss = contrastive_loss(emb_i, emb_t, ids[idx], model.log_scale.exp())
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+        opt.step()
+        sched.step()
+        with torch.no_grad():
+            model.log_scale.clamp_(max=MAX_LOG_SCALE)
+        losses.append(loss.detach())
+    return torch.stack(losses)
+
+
+def fit_contrastive(
+    image_feats: Tensor,
+    text_feats: Tensor,
+    caption_ids: Tensor,
+    *,
+    seed: int = 0,
+    steps: int,
+    lr: float,
+    batch_size: int,
+    dim: int = 128,
+    weight_decay: float = 0.1,
+    data: dict[str, Any] | None = None,
+) -> ContrastiveAdherence:
+    """Train `ContrastiveAdherence` on N (image, text) pairs: `image_feats` (N, Di), `text_feats` (N, Dt),
+    `caption_ids` (N,) equal for pairs with the same caption (`contrastive_loss` makes them positives).
+
+    AdamW (`lr`, `weight_decay` on the projection weights only), cosine decay to 0 over `steps`, batches of
+    `batch_size` pairs drawn without replacement per epoch. Init and batches come from `seed` alone (the
+    global RNG is left as it was). Runs on the device of `image_feats`. `data` describes the training pairs
+    for the record (dataset, split, text encoder, ...).
+    """
+    xi, xt, ids = _check_pairs(image_feats, text_feats, caption_ids)
+    if steps < 1 or batch_size < 2 or not lr > 0:
+        raise ValueError(f"need steps >= 1, batch_size >= 2 and lr > 0, got {steps}, {batch_size}, {lr}")
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        model = ContrastiveAdherence(xi.shape[1], xt.shape[1], dim=dim).to(xi.device)
+    for side, x in (("image", xi), ("text", xt)):
+        getattr(model, f"{side}_mean").copy_(x.mean(0))
+        getattr(model, f"{side}_std").copy_(x.std(0, unbiased=False) + 1e-6)
+    bs = min(batch_size, len(ids))
+    losses = _train(
+        model, xi, xt, ids, steps=steps, lr=lr, weight_decay=weight_decay, batch_size=bs, seed=seed
+    )
+    model.record = {
+        "data": dict(data or {}),
+        "num_pairs": len(ids),
+        "num_captions": int(ids.unique().numel()),
+        "seed": seed,
+        "steps": steps,
+        "lr": lr,
+        "batch_size": bs,
+        "weight_decay": weight_decay,
+        "final_loss": float(losses[-20:].mean()),  # the mean of the last 20 steps
+        "temperature": float(1 / model.log_scale.detach().exp()),
+    }
+    return model.eval()
+
+
+__all__ = [
+    "FEATURE_DIM",
+    "FEATURE_ENCODER",
+    "FEATURE_INPUT_SIZE",
+    "CategoryClassifier",
+    "ContrastiveAdherence",
+    "RealImages",
+    "category_classifier",
+    "contrastive_loss",
+    "feature_extractor",
+    "fit_category_classifier",
+    "fit_contrastive",
+    "image_features",
+    "real_images",
+    "retrieval_ranks",
+    "retrieval_scores",
+]
