@@ -113,11 +113,28 @@ def _latents_captions(args: argparse.Namespace) -> None:
     print(f"caption features at {path}")
 
 
-def _sample(args: argparse.Namespace) -> None:
-    from aligntok.generate import generate
+def _sampling_args(p: argparse.ArgumentParser) -> None:
+    """The flags of a `SampleConfig` (`_sample_config` reads them back)."""
+    p.add_argument("--steps", type=int, default=30)
+    p.add_argument("--cfg", type=float, default=1.0, help="guidance scale (1 = no guidance)")
+    p.add_argument(
+        "--interval",
+        type=float,
+        nargs=2,
+        default=[0.0, 1.0],
+        metavar=("T_LO", "T_HI"),
+        help="guidance acts for t in [T_LO, T_HI] (noise at t = 1)",
+    )
+    p.add_argument("--sampler", choices=["euler", "heun", "sde"], default="euler")
+    p.add_argument("--shift", type=float, default=1.0, help="timestep shift (>1: more steps near noise)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--bf16", action="store_true")
+
+
+def _sample_config(args: argparse.Namespace):  # -> SampleConfig (imported lazily, as every command does)
     from aligntok.sampling import SampleConfig
 
-    sample = SampleConfig(
+    return SampleConfig(
         steps=args.steps,
         sampler=args.sampler,
         cfg_scale=args.cfg,
@@ -126,6 +143,18 @@ def _sample(args: argparse.Namespace) -> None:
         seed=args.seed,
         bf16=args.bf16,
     )
+
+
+def _dit_eval(args: argparse.Namespace) -> None:
+    from aligntok.dit_eval import evaluate_dit
+
+    evaluate_dit(args.dit, args.data, out=args.out, sample=_sample_config(args), num=args.num)
+
+
+def _sample(args: argparse.Namespace) -> None:
+    from aligntok.generate import generate
+
+    sample = _sample_config(args)
     prompts = list(args.prompt)
     if args.prompts:
         prompts += _read_prompts(args.prompts)
@@ -265,6 +294,20 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--resume", action="store_true")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a recipe field")
     p.set_defaults(func=_dit_train)
+    p = dit_sub.add_parser(
+        "eval", help="FID and adherence of a DiT's samples beside real validation images (docs/text.md)"
+    )
+    p.add_argument("--dit", required=True, help="a DiT export directory (class or text)")
+    p.add_argument("--data", required=True, help="the dataset it was trained on (its val split is used)")
+    p.add_argument("--out", required=True)
+    p.add_argument(
+        "--num",
+        type=int,
+        default=None,
+        help="text: val captions (default all); class: samples (default 1000)",
+    )
+    _sampling_args(p)
+    p.set_defaults(func=_dit_eval)
 
     p = sub.add_parser("sample", help="sample images from a trained DiT")
     p.add_argument("--dit", required=True, help="a DiT export directory")
@@ -272,16 +315,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--num", type=int, default=1, help="images (class DiT) or images per prompt (text DiT); default 1"
     )
     p.add_argument("--out", required=True)
-    p.add_argument("--steps", type=int, default=30)
-    p.add_argument("--cfg", type=float, default=1.0, help="guidance scale (1 = no guidance)")
-    p.add_argument(
-        "--interval",
-        type=float,
-        nargs=2,
-        default=[0.0, 1.0],
-        metavar=("T_LO", "T_HI"),
-        help="guidance acts for t in [T_LO, T_HI] (noise at t = 1)",
-    )
+    _sampling_args(p)
     p.add_argument("--class", dest="class_id", type=int, default=None, help="one class (default: balanced)")
     p.add_argument(
         "--prompt", action="append", default=[], help='text DiT: a prompt (repeatable; "" = unconditional)'
@@ -289,11 +323,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--prompts", default=None, help="text DiT: a file of prompts, one per line")
     p.add_argument("--tokenizer", default=None, help="tokenizer export (default: the one the DiT recorded)")
     p.add_argument("--guide", default=None, help="autoguidance: a weaker DiT export guiding this one")
-    p.add_argument("--sampler", choices=["euler", "heun", "sde"], default="euler")
-    p.add_argument("--shift", type=float, default=1.0, help="timestep shift (>1: more steps near noise)")
-    p.add_argument("--seed", type=int, default=0)
     p.add_argument("--batch-size", type=int, default=64)
-    p.add_argument("--bf16", action="store_true")
     p.set_defaults(func=_sample)
 
     p = sub.add_parser("eval", help="FID, KID, IS, precision/recall of samples against a reference -> JSON")

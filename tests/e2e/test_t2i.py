@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 import torch
 
-from aligntok import flow, sampling
+from aligntok import dit_eval, flow, sampling
 from aligntok.assets import is_present
 from aligntok.cli import main
 from aligntok.config import apply_overrides
@@ -156,3 +156,25 @@ def test_resume_refuses_other_captions(t2i, tmp_path) -> None:
         train_dit(
             _t2i_cfg(steps=6, ckpt_every=2, text_max_length=4), latents=t2i["cache"], out=run, resume=True
         )
+
+
+@pytest.mark.skipif(not is_present("efficientnet-lite0"), reason="needs the efficientnet-lite0 asset")
+def test_dit_eval_scores_samples_beside_real_validation_images(
+    t2i, tmp_path, monkeypatch, stub_inception
+) -> None:
+    """`aligntok dit eval` on a text DiT: FID and both adherence measures of the samples, and the same
+    measures on the real images (the ceilings; the real images retrieve their own captions best)."""
+    monkeypatch.setattr(dit_eval, "adherence_dir", lambda: tmp_path / "adherence")
+    monkeypatch.setattr(dit_eval, "CONTRASTIVE", {**dit_eval.CONTRASTIVE, "steps": 200})
+    out = tmp_path / "eval"
+    args = ["--dit", str(t2i["export"]), "--data", str(t2i["data"]), "--steps", "2", "--cfg", "2"]
+    main(["dit", "eval", *args, "--out", str(out)])
+    result = json.loads((out / "eval.json").read_text())
+    samples, real = result["samples"], result["ceilings"]
+    assert samples["num"] == real["num"] == 8  # the folder serves every split: 8 captioned images
+    for key in ("fid", "category_accuracy", "retrieval_top1", "retrieval_top5"):
+        assert np.isfinite(samples[key]) and np.isfinite(real[key] if key != "fid" else real["fid_floor"])
+    assert real["category_accuracy"] == 1.0  # red squares and blue discs: the classifier separates them
+    assert real["retrieval_top5"] >= real["retrieval_top1"] > 1 / 8  # above chance among the 8 captions
+    assert samples["models"]["contrastive"]["data"]["text_encoder"]["name"] == "minilm"
+    assert len(list((tmp_path / "adherence").iterdir())) == 2  # the two models, cached
