@@ -126,13 +126,16 @@ def sample_config(budget: Budget, cfg: float) -> SampleConfig:
     return SampleConfig(steps=budget.sample_steps, cfg_scale=cfg, interval=interval, bf16=True)
 
 
-def study(name: str, budget: Budget, out: Path, ledger: Any) -> None:
-    """Train what `name` lacks (tokenizer, cache, DiT seeds) and measure every missing piece."""
+def study(name: str, budget: Budget, out: Path, ledger: Any, *, trained_only: bool = False) -> None:
+    """Train what `name` lacks (tokenizer, cache, DiT seeds) and measure every missing piece; with
+    `trained_only`, measure only the DiT runs already finished in `out` (another process trains the rest)."""
+    run = out / name
     seeds = range(budget.seeds if name in SEEDED else 1)
+    if trained_only:
+        seeds = [s for s in seeds if (run / f"t2i-seed{s}" / "export").is_dir()]
     todo = {s: [p for p in pieces(budget) if not ledger.has(key(name, s, *p))] for s in seeds}
     if not any(todo.values()):
         return
-    run = out / name
     tok = train_one_tokenizer(name, DATASET, TOKENIZER_BUDGETS[budget.tokenizers], out)
     cache = build_cache(tokenizer_dir=tok, data=DATASET, out=run / "latents", flip=True, bf16=True)
     for seed, missing in todo.items():
@@ -190,6 +193,11 @@ def main() -> None:
         "--json", default=None, help="record (default benchmarks/results/reproduce-t2i-emoji.json)"
     )
     p.add_argument("--fresh", action="store_true", help="start the record over")
+    p.add_argument(
+        "--trained-only",
+        action="store_true",
+        help="measure only DiT runs already trained in --out, train none",
+    )
     a = p.parse_args()
     budget = BUDGETS[a.budget]
     stem = "reproduce-t2i-emoji" + ("" if a.budget == "full" else f"-{a.budget}")
@@ -210,7 +218,7 @@ def main() -> None:
     for name in a.tokenizers.split(","):
         if name not in TOKENIZERS:
             raise SystemExit(f"unknown tokenizer {name!r}; choose from {', '.join(TOKENIZERS)}")
-        study(name, budget, out, ledger)
+        study(name, budget, out, ledger, trained_only=a.trained_only)
         record["table"] = table(budget, ledger)
         save()
         plot(budget, record["table"], stem)

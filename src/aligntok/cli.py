@@ -343,9 +343,10 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("demo", help="the main job end to end, with a report")
     p.add_argument(
         "--preset",
-        choices=["quick", "full", "debug"],
+        choices=["quick", "full", "debug", "t2i", "t2i-debug"],
         default="quick",
-        help="quick: within 20 min on 2 CPU cores; full: about an hour; debug: seconds (a smoke test)",
+        help="quick: within 20 min on 2 CPU cores; full: about an hour; t2i: text-to-image on the quick "
+        "tokenizer (docs/text.md); debug, t2i-debug: seconds (smoke tests)",
     )
     p.add_argument("--out", default=None, help="run directory (default: runs/demo-<preset>); reruns resume")
     p.set_defaults(func=_demo)

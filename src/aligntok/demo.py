@@ -3,6 +3,8 @@
 emoji (32 px) and EfficientNet-Lite0: fetch what is missing -> tokenizer through the three alignment stages ->
 its metrics on the val split -> latent cache -> class-conditional DiT -> samples of every class with and
 without guidance, gFID against the training images beside the real-vs-real floor -> `report/index.html`.
+The `t2i` presets train the text-conditioned DiT on the same latents instead and draw images of held-out
+prompts (validation captions) and of training captions, scored by FID and adherence (docs/text.md).
 
 Every step is resumable: the trainers continue from their checkpoints, finished exports, caches, samples
 and metrics are found and kept, so rerunning the same command after an interruption continues.
@@ -10,6 +12,7 @@ and metrics are found and kept, so rerunning the same command after an interrupt
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import shlex
 import time
@@ -20,11 +23,13 @@ from typing import Any
 
 from aligntok import assets, distributed
 from aligntok.config import apply_overrides
-from aligntok.data import DATASETS, fetch_dataset
+from aligntok.data import DATASETS, build_dataset, fetch_dataset
 from aligntok.data.latents import build_cache
-from aligntok.demo_report import write_report
+from aligntok.demo_report import class_part, text_part, write_report
+from aligntok.dit_eval import evaluate_t2i, t2i_ceilings
 from aligntok.evaluate import fid_floor, generation_fid
 from aligntok.files import cached_json, write_json
+from aligntok.generate import generate
 from aligntok.recipes.dit import dit_train_recipe
 from aligntok.recipes.tokenizer import tokenizer_train_recipe
 from aligntok.rundir import run_lock
@@ -54,6 +59,7 @@ class DemoPreset:
     cfg_interval: tuple[float, float] = (0.0, 0.9)  # LightningDiT's interval: no guidance near t = 0
     per_class: int = 12  # images per class in the report's grids
     bf16: bool = True  # autocast for the DiT, the latent cache and the Inception (docs/metrics.md)
+    text: bool = False  # a text-to-image DiT (dit_recipe a t2i one): num_samples validation captions
 
     def sample(self, cfg_scale: float) -> SampleConfig:
         """The sampling settings of the demo's samples at guidance `cfg_scale` (1: unguided)."""
@@ -85,6 +91,18 @@ PRESETS: dict[str, DemoPreset] = {
         num_samples=1000,
         ref_num=None,
     ),
+    # The quick run's tokenizer and latents, a text DiT as long, 450 held-out prompts (docs/text.md).
+    "t2i": DemoPreset(
+        stage_steps=(500, 150, 100),
+        eval_num=300,
+        dit_recipe="t2i-emoji",
+        dit_steps=700,
+        dit_ema_decay=0.99,
+        num_samples=450,
+        ref_num=1000,
+        cfg_scale=3.0,
+        text=True,
+    ),
     # Seconds: the pipeline's shape for tests, not a result.
     "debug": DemoPreset(
         tokenizer_recipe="debug",
@@ -100,11 +118,13 @@ PRESETS: dict[str, DemoPreset] = {
         bf16=False,
     ),
 }
+PRESETS["t2i-debug"] = dataclasses.replace(PRESETS["debug"], dit_recipe="t2i-debug", cfg_scale=3.0, text=True)
 
 
 def _overrides(p: DemoPreset) -> tuple[list[str], list[str]]:
     """The `--set` lists of the tokenizer and DiT recipes (also printed as the commands to reproduce)."""
-    tok = [f"stages.{i}.steps={n}" for i, n in enumerate(p.stage_steps)]
+    # The tokenizer trains on the demo's data (the recipes' own is emoji, the default demo's too).
+    tok = [f"data={p.data}", *(f"stages.{i}.steps={n}" for i, n in enumerate(p.stage_steps))]
     dit = [f"steps={p.dit_steps}", f"ema_decay={p.dit_ema_decay}", f"bf16={str(p.bf16).lower()}"]
     return tok, dit
 
@@ -125,10 +145,13 @@ def commands(p: DemoPreset, out: Path) -> list[str]:
     ]
     for name, scale in p.guidance.items():
         flags = " ".join(p.sample(scale).cli_args())
-        lines.append(
-            f"aligntok sample --dit {out}/dit/export --num {p.num_samples} {flags} --out {out}/samples/{name}"
-        )
-    lines += [f"aligntok eval --samples {out}/samples/{name} --ref {p.data}{bf16}" for name in p.guidance]
+        head = f"--dit {out}/dit/export --num {p.num_samples} {flags}"
+        if p.text:
+            lines.append(f"aligntok dit eval {head} --data {p.data} --out {out}/eval/{name}")
+        else:
+            lines.append(f"aligntok sample {head} --out {out}/samples/{name}")
+    if not p.text:
+        lines += [f"aligntok eval --samples {out}/samples/{name} --ref {p.data}{bf16}" for name in p.guidance]
     return lines
 
 
@@ -178,32 +201,65 @@ def _run(p: DemoPreset, preset: str, out: Path) -> Path:
         "latent cache (train split, with flips)",
         lambda: build_cache(tokenizer_dir=tok, data=p.data, out=out / "latents", flip=True, bf16=p.bf16),
     )
-    dit = steps.run(
-        "class-conditional DiT", lambda: train_dit(dit_cfg, latents=cache, out=out / "dit", resume=True)
-    )
-
-    def sample_and_score() -> dict[str, Any]:
-        kw = {"data": p.data, "num": p.num_samples, "ref_num": p.ref_num}
-        return {
-            name: generation_fid(dit, out=out / "samples" / name, sample=p.sample(scale), **kw)
-            for name, scale in p.guidance.items()
-        }
-
-    gfid = steps.run("samples of every class, gFID", sample_and_score)
+    kind = "text-conditioned" if p.text else "class-conditional"
+    dit = steps.run(f"{kind} DiT", lambda: train_dit(dit_cfg, latents=cache, out=out / "dit", resume=True))
     resolution = tok_cfg.model.image_size
-    floor_kw = {"num": p.num_samples, "resolution": resolution, "ref_num": p.ref_num, "bf16": p.bf16}
-    floor = steps.run(
-        "real-vs-real FID floor",
-        lambda: cached_json(report / "fid_floor.json", lambda: fid_floor(p.data, **floor_kw)),
-    )
-    results = {"tokenizer_metrics": tok_metrics, "gfid": gfid, "floor": floor, "timings": steps.times}
-    shape = {"num_samples": p.num_samples, "eval_num": p.eval_num, "per_class": p.per_class}
+    part = _text_part if p.text else _class_part
+    generation = part(p, steps, dit=dit, out=out, resolution=resolution)
     title = f"aligntok demo ({preset}): {p.data}, {p.tokenizer_recipe} tokenizer"
+    shape = {"title": title, "eval_num": p.eval_num, "commands": commands(p, out)}
     index = steps.run(
-        "report", lambda: write_report(out, title=title, commands=commands(p, out), **shape, **results)
+        "report",
+        lambda: write_report(
+            out, tokenizer_metrics=tok_metrics, generation=generation, timings=steps.times, **shape
+        ),
     )
     distributed.print0(f"demo done in {sum(steps.times.values()) / 60:.1f} min of work; report at {index}")
     return index
+
+
+def _class_part(p: DemoPreset, steps: _Steps, *, dit: Path, out: Path, resolution: int) -> tuple:
+    """Samples of every class with and without guidance, their gFID and the real-vs-real floor."""
+    kw = {"data": p.data, "num": p.num_samples, "ref_num": p.ref_num}
+    gfid = steps.run(
+        "samples of every class, gFID",
+        lambda: {
+            name: generation_fid(dit, out=out / "samples" / name, sample=p.sample(scale), **kw)
+            for name, scale in p.guidance.items()
+        },
+    )
+    floor_kw = {"num": p.num_samples, "resolution": resolution, "ref_num": p.ref_num, "bf16": p.bf16}
+    floor = steps.run(
+        "real-vs-real FID floor",
+        lambda: cached_json(out / "report" / "fid_floor.json", lambda: fid_floor(p.data, **floor_kw)),
+    )
+    return class_part(out, out / "report", gfid=gfid, floor=floor, per_class=p.per_class)
+
+
+def _text_part(p: DemoPreset, steps: _Steps, *, dit: Path, out: Path, resolution: int) -> tuple:
+    """Images of `num_samples` held-out prompts with and without guidance (FID, adherence), the same measures
+    on the real validation images, and images of training captions."""
+    scores = steps.run(
+        "held-out prompts: samples, FID, adherence",
+        lambda: {
+            name: evaluate_t2i(
+                dit, p.data, out=out / "samples" / name, sample=p.sample(scale), num=p.num_samples
+            )
+            for name, scale in p.guidance.items()
+        },
+    )
+    ceilings = steps.run(
+        "real validation images: FID floor, adherence ceilings",
+        lambda: cached_json(
+            out / "report" / "ceilings.json", lambda: t2i_ceilings(p.data, resolution, num=p.num_samples)
+        ),
+    )
+    captions = list(build_dataset(p.data, split="train", resolution=resolution).captions)
+    prompts = sorted(set(captions))[:: max(1, len(set(captions)) // (2 * p.per_class))][: 2 * p.per_class]
+    out_train = out / "samples" / "train-prompts"
+    if not (out_train / "samples.npz").is_file():
+        generate(dit_dir=dit, num=1, prompts=prompts, out=out_train, sample=p.sample(p.cfg_scale))
+    return text_part(out, out / "report", scores=scores, ceilings=ceilings, num=2 * p.per_class)
 
 
 def _fetch(p: DemoPreset) -> None:

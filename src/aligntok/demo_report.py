@@ -79,9 +79,7 @@ def _guidance(g: dict[str, Any], *, interval: bool = False) -> str:
     return f"guidance {g['cfg']:g}" + (f" on t in {g['interval']}" if interval else "")
 
 
-def _metric_rows(
-    tokenizer_metrics: dict[str, Any], gfid: dict[str, dict[str, Any]], floor: dict[str, Any], eval_num: int
-) -> list[list[object]]:
+def _tokenizer_rows(tokenizer_metrics: dict[str, Any], eval_num: int) -> list[list[object]]:
     tm = tokenizer_metrics
     rows: list[list[object]] = [
         [
@@ -96,6 +94,11 @@ def _metric_rows(
         ["k-NN on latents (class-balanced acc.)", _fmt(tm.get("knn_balanced")), ""],
         ["CKNNA latent vs frozen encoder", _fmt(tm.get("cknna")), "alignment with the foundation encoder"],
     ]
+    return rows
+
+
+def _gfid_rows(gfid: dict[str, dict[str, Any]], floor: dict[str, Any]) -> list[list[object]]:
+    rows: list[list[object]] = []
     for g in gfid.values():
         how = f"{g['num_samples']} samples vs {g['num_ref']} training images"
         rows.append([f"gFID, {_guidance(g, interval=True)}", _fmt(g["fid"]), how])
@@ -116,51 +119,95 @@ def _recon_rows(out: Path, report: Path) -> list[list[object]]:
     return rows
 
 
-def write_report(
-    out: Path,
-    *,
-    title: str,
-    num_samples: int,
-    eval_num: int,
-    per_class: int,
-    tokenizer_metrics: dict[str, Any],
-    gfid: dict[str, dict[str, Any]],
-    floor: dict[str, Any],
-    timings: dict[str, float],
-    commands: list[str],
-) -> Path:
-    """`out/report/index.html` (+ metrics.json and PNGs beside it) from the finished run under `out`."""
-    report = out / "report"
-    report.mkdir(parents=True, exist_ok=True)
+def class_part(
+    out: Path, report: Path, *, gfid: dict[str, dict[str, Any]], floor: dict[str, Any], per_class: int
+) -> tuple[dict[str, Any], list[list[object]], tuple[str, str]]:
+    """The class DiT's part of the report: its metrics (JSON and table rows) and the per-class grids."""
     classes = json.loads((out / "latents" / "meta.json").read_text())["classes"]
-    keys = ("psnr", "ssim", "lpips", "rfid", "probe_balanced", "knn_balanced", "cknna")
-    metrics = {
-        "tokenizer": {k: tokenizer_metrics.get(k) for k in keys},
-        "gfid": {k: v["fid"] for k, v in gfid.items()},
-        "fid_floor": floor["fid"],
-        "num_samples": num_samples,
-        "num_ref": floor["num_ref"],
-        "timings_s": timings,
-    }
-    write_json(metrics, report / "metrics.json")
+    metrics = {"gfid": {k: v["fid"] for k, v in gfid.items()}, "fid_floor": floor["fid"]}
+    metrics["num_ref"] = floor["num_ref"]
     grids = {
         key: _class_rows(out / "samples" / key / "samples.npz", classes, per_class, report, f"samples-{key}")
         for key in gfid
     }
-    sample_rows = [[c] + [Raw(f"<img src='{grids[k][i]}'>") for k in gfid] for i, c in enumerate(classes)]
+    rows = [[c] + [Raw(f"<img src='{grids[k][i]}'>") for k in gfid] for i, c in enumerate(classes)]
+    section = html_table(["class"] + [_guidance(gfid[k]) for k in gfid], rows)
+    return metrics, _gfid_rows(gfid, floor), ("Samples of every class", section)
+
+
+def _prompt_images(samples: Path, report: Path, prefix: str, num: int) -> list[tuple[str, str]]:
+    """The first `num` (prompt, image file) pairs of a text sample set, each image copied beside the page."""
+    images = np.load(samples / "samples.npz")["arr_0"]
+    prompts = [json.loads(x)["prompt"] for x in (samples / "prompts.jsonl").read_text().splitlines()]
+    pairs = []
+    for i, (prompt, img) in enumerate(zip(prompts[:num], images[:num], strict=True)):
+        save_image(img, report / f"{prefix}-{i:03d}.png", scale=3)
+        pairs.append((prompt, f"{prefix}-{i:03d}.png"))
+    return pairs
+
+
+def text_part(
+    out: Path, report: Path, *, scores: dict[str, dict[str, Any]], ceilings: dict[str, Any], num: int
+) -> tuple[dict[str, Any], list[list[object]], tuple[str, str]]:
+    """The text DiT's part: FID and adherence beside the real validation images', and prompt -> image
+    tables for held-out prompts (validation captions, every guidance setting) and training captions."""
+    metrics = {"t2i": scores, "ceilings": ceilings}
+    rows: list[list[object]] = []
+    for r in scores.values():
+        how = _guidance(r["sampling"])
+        rows.append(
+            [f"FID, held-out prompts, {how}", _fmt(r["fid"]), f"{r['num']} images vs training images"]
+        )
+        for k in ("retrieval_top1", "retrieval_top5", "category_accuracy"):
+            rows.append(
+                [f"{k.replace('_', ' ')}, {how}", _fmt(r[k]), f"real val images: {_fmt(ceilings[k])}"]
+            )
+    rows.append(["real-vs-real FID floor", _fmt(ceilings["fid_floor"]), f"{ceilings['num']} real val images"])
+    held = {k: _prompt_images(out / "samples" / k, report, f"held-{k}", num) for k in scores}
+    table = [
+        [p] + [Raw(f"<img src='{held[k][i][1]}'>") for k in scores]
+        for i, (p, _) in enumerate(held[next(iter(scores))])
+    ]
+    heads = ["held-out prompt"] + [_guidance(r["sampling"]) for r in scores.values()]
+    train = _prompt_images(out / "samples" / "train-prompts", report, "train", num)
+    body = "<p>Prompts of the validation split: names that no training image has.</p>" + html_table(
+        heads, table
+    )
+    body += "<h3>Training captions</h3>" + html_table(
+        ["training prompt", "sample"], [[p, Raw(f"<img src='{f}'>")] for p, f in train]
+    )
+    return metrics, rows, ("Text to image", body)
+
+
+def write_report(
+    out: Path,
+    *,
+    title: str,
+    eval_num: int,
+    tokenizer_metrics: dict[str, Any],
+    generation: tuple[dict[str, Any], list[list[object]], tuple[str, str]],
+    timings: dict[str, float],
+    commands: list[str],
+) -> Path:
+    """`out/report/index.html` (+ metrics.json and PNGs beside it) from the finished run under `out`;
+    `generation` is the DiT's part (`class_part` or `text_part`)."""
+    report = out / "report"
+    report.mkdir(parents=True, exist_ok=True)
+    keys = ("psnr", "ssim", "lpips", "rfid", "probe_balanced", "knn_balanced", "cknna")
+    gen_metrics, gen_rows, samples_section = generation
+    metrics = {"tokenizer": {k: tokenizer_metrics.get(k) for k in keys}, **gen_metrics, "timings_s": timings}
+    write_json(metrics, report / "metrics.json")
     curves = _curves(out, report)
     time_rows = [[k, f"{v:.0f}"] for k, v in timings.items()]
+    metric_rows = _tokenizer_rows(tokenizer_metrics, eval_num) + gen_rows
     sections = [
-        (
-            "Metrics",
-            html_table(["metric", "value", "how"], _metric_rows(tokenizer_metrics, gfid, floor, eval_num)),
-        ),
+        ("Metrics", html_table(["metric", "value", "how"], metric_rows)),
         (
             "Reconstructions after each stage",
             "<p>Top row: originals; bottom row: reconstructions (fixed val batch).</p>"
             + html_table(["stage", "originals / reconstructions"], _recon_rows(out, report)),
         ),
-        ("Samples of every class", html_table(["class"] + [_guidance(gfid[k]) for k in gfid], sample_rows)),
+        samples_section,
         ("Curves", "".join(f"<p><img src='{f}' alt='{n}'></p>" for n, f in curves.items())),
         (
             "Time",

@@ -9,7 +9,8 @@ import re
 
 import pytest
 
-from aligntok import demo
+from aligntok import demo, dit_eval
+from aligntok.assets import is_present
 from aligntok.cli import main
 from conftest import make_image_folder
 
@@ -58,3 +59,25 @@ def test_demo_refuses_a_run_directory_of_another_preset(tmp_path, capsys) -> Non
         main(["demo", "--preset", "quick", "--out", str(out)])
     assert e.value.code == 1
     assert "holds a demo with other settings (preset 'full')" in capsys.readouterr().err
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not is_present("minilm"), reason="needs the minilm asset")
+def test_t2i_demo_writes_prompt_tables(tmp_path, monkeypatch, stub_inception) -> None:
+    """The text preset: held-out and training prompts with their images, FID and adherence beside the
+    real images' in metrics.json, and every image the page shows exists."""
+    folder = make_image_folder(tmp_path / "shapes", per_class=20)
+    preset = dataclasses.replace(demo.PRESETS["t2i-debug"], data=str(folder), ref_num=24)
+    monkeypatch.setitem(demo.PRESETS, "t2i-debug", preset)
+    monkeypatch.setattr(dit_eval, "adherence_dir", lambda: tmp_path / "adherence")
+    monkeypatch.setattr(dit_eval, "CONTRASTIVE", {**dit_eval.CONTRASTIVE, "steps": 50})
+    index = demo.run_demo("t2i-debug", tmp_path / "demo")
+    html, report = index.read_text(), index.parent
+    for name in re.findall(r"src='([^']+)'", html):
+        assert (report / name).is_file(), name
+    assert "held-out prompt" in html and "training prompt" in html
+    metrics = json.loads((report / "metrics.json").read_text())
+    assert set(metrics["t2i"]) == {"cfg1", f"cfg{preset.cfg_scale:g}"}
+    for scores in metrics["t2i"].values():
+        assert {"fid", "retrieval_top1", "category_accuracy"} <= set(scores)
+    assert metrics["ceilings"]["category_accuracy"] == 1.0
