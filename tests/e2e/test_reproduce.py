@@ -16,6 +16,8 @@ import torch
 import torch.nn.functional as F
 from safetensors.torch import load_file
 
+from aligntok import dit_eval
+from aligntok.assets import is_present
 from aligntok.config import save_json
 from aligntok.data.latents import same_latent_space
 from aligntok.models.discriminator import DiscriminatorConfig
@@ -347,3 +349,26 @@ def test_disc_probe_reads_the_run_and_writes_its_reports(tmp_path, debug_tokeniz
     monkeypatch.setattr(sys, "argv", [*argv, "--images", "41"])
     with pytest.raises(ValueError, match="40 training images"):
         probe.main()
+
+
+@pytest.mark.skipif(not is_present("minilm"), reason="needs the minilm asset")
+def test_t2i_study_measures_every_piece_per_seed_and_trained_only_trains_nothing(
+    tmp_path, stub_inception, monkeypatch
+) -> None:
+    t2i = _module("reproduce_t2i")
+    monkeypatch.setattr(t2i, "DATASET", str(make_image_folder(tmp_path / "shapes", per_class=10)))
+    monkeypatch.setattr(dit_eval, "adherence_dir", lambda: tmp_path / "adherence")
+    monkeypatch.setattr(dit_eval, "CONTRASTIVE", {**dit_eval.CONTRASTIVE, "steps": 50})
+    budget, out = t2i.BUDGETS["debug"], tmp_path / "study"
+    ledger = rep.Ledger({}, save=lambda: None, commit=None)
+    t2i.study("vae", budget, out, ledger, trained_only=True)  # nothing trained yet: nothing measured
+    assert ledger.measured == {} and not (out / "vae").exists()
+    t2i.study("aligntok", budget, out, ledger)
+    pieces = t2i.pieces(budget)
+    assert pieces[-1] == (budget.checkpoints[-1], 1.0) and len(pieces) == len(budget.checkpoints) + 1
+    assert set(ledger.measured) == {t2i.key("aligntok", s, *p) for s in range(budget.seeds) for p in pieces}
+    rows = t2i.table(budget, ledger)
+    last = rows[f"aligntok/step{budget.checkpoints[-1]}/cfg{budget.cfg:g}"]
+    assert len(last["seeds"]) == budget.seeds
+    assert last["fid"] == pytest.approx(sum(s["fid"] for s in last["seeds"]) / budget.seeds)
+    assert all(0 <= last[m] <= 1 for m in ("retrieval_top1", "retrieval_top5", "category_balanced"))
