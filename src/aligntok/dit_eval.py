@@ -39,7 +39,7 @@ from aligntok.sampling import SampleConfig
 
 VAL_SEED = 0  # which validation items a `num`-subset evaluates (the same for every DiT compared)
 # The retrieval model's training (ours; docs/metrics.md, "Adherence", has what it reaches on emoji).
-CONTRASTIVE = {"seed": 0, "steps": 2000, "lr": 1e-3, "batch_size": 512}
+CONTRASTIVE = {"seed": 0, "steps": 500, "lr": 1e-3, "batch_size": 256}
 
 
 def adherence_dir() -> Path:

@@ -14,8 +14,13 @@ global average pool; the input of its ImageNet classifier), images enlarged to F
 Float images are rounded to uint8 as samples are saved (`files.to_uint8`), so in-memory samples and their
 PNGs score the same.
 
-Measured on emoji at 32 px (real val images; the ceiling a generator can reach), one CPU core:
-MEASURED_PLACEHOLDER
+Measured on emoji at 32 px (real val images: the ceiling a generator can reach):
+- category classifier (fitted on the 6692 train images): val accuracy 87.2%, balanced 63.4% (9 classes; the
+  val emoji are names absent from train). Chance: labels shuffled 48.0% / 11.3% balanced, blank images
+  4.8% / 11.1%.
+- contrastive model (all-MiniLM-L6-v2 masked-mean caption features; steps=500, lr=1e-3, batch_size=256,
+  chosen on a group-disjoint part of train): each val image's caption among the 435 unique val captions,
+  top-1 34.4%, top-5 61.6%, mean rank 28.5. Shuffled images: 0.1%, 1.6%, 213.5 (chance 0.23%, 1.15%, 218).
 """
 
 from __future__ import annotations
