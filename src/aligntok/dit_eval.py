@@ -12,6 +12,7 @@ images. The adherence models are fitted once per dataset and resolution and cach
 
 from __future__ import annotations
 
+import functools
 import json
 from pathlib import Path
 from typing import Any
@@ -52,6 +53,19 @@ def _resolution(dit_dir: str | Path) -> int:
     return int(json.loads((tokenizer / "config.json").read_text())["config"]["image_size"])
 
 
+@functools.lru_cache(maxsize=2)
+def _train_set(data: str, resolution: int) -> tuple[RealImages, torch.Tensor]:
+    """The real training images of `data` and their adherence features, computed once per process: both
+    adherence models fit on them (the features are most of a fit's time)."""
+    real = real_images(data, split="train", resolution=resolution)
+    return real, image_features(real.images)
+
+
+def _classifier(data: str | Path, resolution: int) -> CategoryClassifier:
+    features = lambda: _train_set(str(data), resolution)[1]  # noqa: E731
+    return category_classifier(data, resolution, cache_dir=adherence_dir(), features=features)
+
+
 def _prompt_features(prompts: list[str]) -> torch.Tensor:
     """Pooled MiniLM features (N, 384) of `prompts`: the adherence model's text side, whatever encoder the
     DiT itself uses (the evaluation must not change with the model it judges)."""
@@ -75,10 +89,9 @@ def contrastive_model(data: str | Path, resolution: int) -> ContrastiveAdherence
         model = ContrastiveAdherence.load(target)
         if model.record.get("data") == what:
             return model
-    real = real_images(data, split="train", resolution=resolution)
+    real, feats = _train_set(str(data), resolution)
     unique, ids = _caption_ids(real.captions)
-    text = _prompt_features(unique)[ids]
-    model = fit_contrastive(image_features(real.images), text, ids, data=what, **CONTRASTIVE)
+    model = fit_contrastive(feats, _prompt_features(unique)[ids], ids, data=what, **CONTRASTIVE)
     with assets.atomic_dir(target) as tmp:
         model.save(tmp)
     return ContrastiveAdherence.load(target)
@@ -120,7 +133,7 @@ def t2i_ceilings(data: str | Path, resolution: int, *, num: int | None = None, t
     """The measures of `evaluate_t2i` on the real validation images themselves (adherence ceilings), and the
     real-vs-real FID floor at the same count against the same reference."""
     val = real_images(data, split="val", resolution=resolution, num=num, seed=VAL_SEED)
-    clf = category_classifier(data, resolution, cache_dir=adherence_dir())
+    clf = _classifier(data, resolution)
     model = contrastive_model(data, resolution) if text else None
     floor = fid_floor(data, num=len(val.labels), resolution=resolution, bf16=True)
     return {**_scores(val.images, val, clf, model), "fid_floor": floor["fid"], "num": len(val.labels)}
@@ -134,7 +147,7 @@ def evaluate_t2i(
     out, resolution = Path(out), _resolution(dit_dir)
     val = real_images(data, split="val", resolution=resolution, num=num, seed=VAL_SEED)
     fid = generation_fid(dit_dir, data=data, out=out, num=1, prompts=val.captions, sample=sample)
-    clf = category_classifier(data, resolution, cache_dir=adherence_dir())
+    clf = _classifier(data, resolution)
     model = contrastive_model(data, resolution)
     result = {"fid": fid["fid"], **_scores(npz_images(out / "samples.npz"), val, clf, model)}
     result |= {"num": len(val.labels), "sampling": sample.record(), "dit_hash": fid["dit_hash"]}
@@ -149,7 +162,7 @@ def evaluate_class_dit(
     """gFID and class adherence (per class and overall) of `num` class-balanced samples of a class DiT."""
     out, resolution = Path(out), _resolution(dit_dir)
     fid = generation_fid(dit_dir, data=data, out=out, num=num, sample=sample)
-    clf = category_classifier(data, resolution, cache_dir=adherence_dir())
+    clf = _classifier(data, resolution)
     with np.load(out / "samples.npz") as f:
         labels = torch.from_numpy(f["labels"]).long()
     cat = clf.accuracy(npz_images(out / "samples.npz"), labels)

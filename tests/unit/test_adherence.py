@@ -93,7 +93,7 @@ def test_category_classifier_cache_fits_once_and_refits_for_other_encoder_weight
     calls = []
     extractor = {"name": "stub", "input_size": 64, "weights_sha256": "a"}
 
-    def fit(dataset, *, resolution, seed, num, input_size):
+    def fit(dataset, *, resolution, seed, num, input_size, features):
         calls.append((dataset, resolution, seed, num, input_size))
         return CategoryClassifier(
             probe=fit_linear_probe(xa, ya, num_classes=K),

@@ -30,6 +30,7 @@ import hashlib
 import json
 import math
 import re
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -291,11 +292,14 @@ def fit_category_classifier(
     input_size: int = FEATURE_INPUT_SIZE,
     batch_size: int = 256,
     bf16: bool = False,
+    features: Tensor | None = None,
 ) -> CategoryClassifier:
     """Fit the category classifier on `dataset`'s real training images at `resolution` (all, or a random
     `num` drawn with `seed`): `image_features`, then `semantics.fit_linear_probe` (the probe's protocol)."""
     real = real_images(dataset, split="train", resolution=resolution, num=num, seed=seed)
-    feats = image_features(real.images, batch_size=batch_size, bf16=bf16, input_size=input_size)
+    feats = features  # precomputed by a caller that also needs them: `image_features` of these same images
+    if feats is None:
+        feats = image_features(real.images, batch_size=batch_size, bf16=bf16, input_size=input_size)
     probe = fit_linear_probe(feats, real.labels, num_classes=len(real.classes))
     train_acc = float((probe.logits(feats).argmax(1) == real.labels).float().mean())
     record = {
@@ -329,6 +333,7 @@ def category_classifier(
     seed: int = 0,
     num: int | None = None,
     input_size: int = FEATURE_INPUT_SIZE,
+    features: Callable[[], Tensor] | None = None,
 ) -> CategoryClassifier:
     """The category classifier of (dataset, resolution) from `cache_dir`, or fitted and saved there
     (atomically) when absent or made with other encoder weights."""
@@ -340,7 +345,9 @@ def category_classifier(
             clf = None  # damaged: fitted again below
         if clf is not None and clf.record.get("feature_extractor") == feature_extractor(input_size):
             return clf
-    clf = fit_category_classifier(dataset, resolution=resolution, seed=seed, num=num, input_size=input_size)
+    feats = features() if features is not None else None  # called only when a fit is needed
+    kw = {"seed": seed, "num": num, "input_size": input_size, "features": feats}
+    clf = fit_category_classifier(dataset, resolution=resolution, **kw)
     with assets.atomic_dir(target) as tmp:
         clf.save(tmp)
     return CategoryClassifier.load(target)
