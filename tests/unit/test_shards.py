@@ -123,6 +123,7 @@ def test_latent_cache_and_tokenizer_training_stream_shards(tmp_path, shards, fol
     a, b = LatentCache.load(from_shards), LatentCache.load(from_folder)
     assert a.meta["num_shards"] == 4 and torch.equal(a.indices, b.indices)
     torch.testing.assert_close(a.latents, b.latents)
+    assert a.captions == b.captions and "a red square, ünïcode" in a.captions  # shards keep captions (.txt)
     cfg = apply_overrides(
         tokenizer_train_recipe("debug-stage1"), [f"data={shards}", "stages.0.steps=2", "lpips_net=alex"]
     )
