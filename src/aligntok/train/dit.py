@@ -1,9 +1,10 @@
-"""The ONE flow-matching training loop for DiTs on a latent cache (docs/method.md, 'Diffusion model').
+"""The ONE flow-matching training loop for DiTs on a latent cache (docs/method.md, 'Diffusion model'), class-
+conditional (the LightningDiT) or text-conditioned (the MMDiT on cached caption features, docs/text.md).
 
 Reads top to bottom: build from the cache -> parallelize (DDP/FSDP2 under torchrun) -> resume if asked ->
-steps (label dropout, logit-normal t, velocity loss, clipping, spike/NaN guard, EMA) -> checkpoints ->
-export of the EMA weights. Exact resume, on any number of ranks: the data order is a pure function of
-(seed, epoch), the noise comes from one generator shared by all ranks whose state is saved.
+steps (label / caption dropout, logit-normal t, velocity loss, clipping, spike/NaN guard, EMA) ->
+checkpoints -> export of the EMA weights. Exact resume, on any number of ranks: the data order is a pure
+function of (seed, epoch), the noise comes from one generator shared by all ranks whose state is saved.
 """
 
 from __future__ import annotations
