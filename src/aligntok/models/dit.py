@@ -110,6 +110,46 @@ DIT_PRESETS: dict[str, dict[str, int]] = {
 }
 
 
+def preset_kwargs(
+    name: str,
+    presets: dict[str, dict[str, int]],
+    config_cls: type,
+    *,
+    patch_size: int | None,
+    overrides: dict[str, Any],
+    example: str,
+) -> dict[str, Any]:
+    """The size fields of preset `name` ("SIZE/PATCH", or "SIZE" with `patch_size`) from `presets`, with
+    `patch_size` and the `overrides` (checked to be fields of `config_cls`): what `dit_preset` and
+    `mmdit_preset` complete with their latent (and text) sizes. `example` is a valid size for messages."""
+    kind = config_cls.__name__.removesuffix("Config")
+    size, sep, patch_text = name.partition("/")
+    if size not in presets:
+        raise ValueError(f"unknown {kind} size {size!r} in {name!r}; known: {sorted(presets)}")
+    if sep:
+        if not patch_text.isdigit():
+            raise ValueError(
+                f"{kind} preset {name!r}: the part after '/' must be a patch size, e.g. '{example}/1'"
+            )
+        if patch_size is not None and patch_size != int(patch_text):
+            raise ValueError(
+                f"{kind} preset {name!r} conflicts with patch_size={patch_size}; give one of them"
+            )
+        patch_size = int(patch_text)
+    if patch_size is None:
+        raise ValueError(
+            f"{kind} preset {name!r} has no patch size; write e.g. '{size}/1' or pass patch_size="
+        )
+    fields = {f.name for f in dataclasses.fields(config_cls)}
+    unknown = set(overrides) - fields
+    if unknown:
+        raise ValueError(
+            f"unknown {config_cls.__name__} field(s) {sorted(unknown)} for preset {name!r}; "
+            f"known: {sorted(fields)}"
+        )
+    return {**presets[size], "patch_size": patch_size, **overrides}
+
+
 def dit_preset(
     name: str,
     *,
@@ -121,32 +161,11 @@ def dit_preset(
 ) -> DiTConfig:
     """DiTConfig for a preset such as "XL/1" (or "XL" with `patch_size`), on a latent of `in_channels`
     channels and an `input_size` grid; `overrides` set any other DiTConfig field (e.g. qk_norm=True)."""
-    size, sep, patch_text = name.partition("/")
-    if size not in DIT_PRESETS:
-        raise ValueError(f"unknown DiT size {size!r} in {name!r}; known: {sorted(DIT_PRESETS)}")
-    if sep:
-        if not patch_text.isdigit():
-            raise ValueError(f"DiT preset {name!r}: the part after '/' must be a patch size, e.g. 'XL/1'")
-        if patch_size is not None and patch_size != int(patch_text):
-            raise ValueError(f"DiT preset {name!r} conflicts with patch_size={patch_size}; give one of them")
-        patch_size = int(patch_text)
-    if patch_size is None:
-        raise ValueError(f"DiT preset {name!r} has no patch size; write e.g. '{size}/1' or pass patch_size=")
-    fields = {f.name for f in dataclasses.fields(DiTConfig)}
-    unknown = set(overrides) - fields
-    if unknown:
-        raise ValueError(
-            f"unknown DiTConfig field(s) {sorted(unknown)} for preset {name!r}; known: {sorted(fields)}"
-        )
-    kwargs: dict[str, Any] = {
-        **DIT_PRESETS[size],
-        "in_channels": in_channels,
-        "input_size": input_size,
-        "patch_size": patch_size,
-        "num_classes": num_classes,
-    }
-    kwargs.update(overrides)
-    return DiTConfig(**kwargs)
+    sizes = {"in_channels": in_channels, "input_size": input_size, "num_classes": num_classes}
+    kw = preset_kwargs(
+        name, DIT_PRESETS, DiTConfig, patch_size=patch_size, overrides={**sizes, **overrides}, example="XL"
+    )
+    return DiTConfig(**kw)
 
 
 class BlockConfig(Protocol):

@@ -26,7 +26,6 @@ outermost nn.ModuleLists `double_blocks` (called as `block(img, txt, c, rope, ma
 
 from __future__ import annotations
 
-import dataclasses
 from dataclasses import dataclass
 from typing import Any
 
@@ -34,7 +33,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from aligntok.models.dit import DiTBlock, FinalLayer
+from aligntok.models.dit import DiTBlock, FinalLayer, preset_kwargs
 from aligntok.models.layers import (
     PatchEmbed,
     RMSNorm,
@@ -141,36 +140,11 @@ def mmdit_preset(
     """MMDiTConfig for a preset such as "B/1" (or "B" with `patch_size`), on a latent of `in_channels`
     channels, an `input_size` grid and a text encoder of width `text_dim`; `overrides` set any other
     MMDiTConfig field (e.g. null_length=4)."""
-    size, sep, patch_text = name.partition("/")
-    if size not in MMDIT_PRESETS:
-        raise ValueError(f"unknown MMDiT size {size!r} in {name!r}; known: {sorted(MMDIT_PRESETS)}")
-    if sep:
-        if not patch_text.isdigit():
-            raise ValueError(f"MMDiT preset {name!r}: the part after '/' must be a patch size, e.g. 'B/1'")
-        if patch_size is not None and patch_size != int(patch_text):
-            raise ValueError(
-                f"MMDiT preset {name!r} conflicts with patch_size={patch_size}; give one of them"
-            )
-        patch_size = int(patch_text)
-    if patch_size is None:
-        raise ValueError(
-            f"MMDiT preset {name!r} has no patch size; write e.g. '{size}/1' or pass patch_size="
-        )
-    fields = {f.name for f in dataclasses.fields(MMDiTConfig)}
-    unknown = set(overrides) - fields
-    if unknown:
-        raise ValueError(
-            f"unknown MMDiTConfig field(s) {sorted(unknown)} for preset {name!r}; known: {sorted(fields)}"
-        )
-    kwargs: dict[str, Any] = {
-        **MMDIT_PRESETS[size],
-        "in_channels": in_channels,
-        "input_size": input_size,
-        "patch_size": patch_size,
-        "text_dim": text_dim,
-    }
-    kwargs.update(overrides)
-    return MMDiTConfig(**kwargs)
+    sizes = {"in_channels": in_channels, "input_size": input_size, "text_dim": text_dim}
+    kw = preset_kwargs(
+        name, MMDIT_PRESETS, MMDiTConfig, patch_size=patch_size, overrides={**sizes, **overrides}, example="B"
+    )
+    return MMDiTConfig(**kw)
 
 
 def drop_text(text: dict[str, Tensor], drop: Tensor) -> dict[str, Tensor]:
