@@ -90,13 +90,13 @@ def run_key(decoder_steps: int, gan_weight: float | None) -> str:
 
 
 def longer_decoder(
-    cfg: TokenizerTrainConfig, decoder_steps: int, *, gan_weight: float | None = None
+    cfg: TokenizerTrainConfig, decoder_steps: int, *, gan_weight: float | None = None, **settings: Any
 ) -> TokenizerTrainConfig:
     """`cfg` with its decoder trained `decoder_steps` steps in all, the extra ones with nothing else
     training: the last stage lengthened if it trains only the decoder, else a decoder-only stage appended
     (the last stage's lr and GAN weight, as AlignTok's stage 3); that stage's GAN weight `gan_weight` if
-    given. ValueError unless that adds steps."""
-    now = _decoder_steps(cfg)
+    given, and any other StageConfig `settings` (e.g. lr, ema_decay). ValueError unless that adds steps."""
+    now = decoder_training_steps(cfg)
     if decoder_steps <= now:
         raise ValueError(f"--decoder-steps {decoder_steps} adds nothing: the recipe's decoder trains {now}")
     extra = decoder_steps - now
@@ -110,7 +110,8 @@ def longer_decoder(
         )
         stages = cfg.stages
     if gan_weight is not None:
-        refined = dataclasses.replace(refined, gan_weight=gan_weight)
+        settings["gan_weight"] = gan_weight
+    refined = dataclasses.replace(refined, **settings)
     return dataclasses.replace(cfg, stages=(*stages, refined))
 
 
@@ -167,7 +168,7 @@ def refine_decoder(
     }
     before = json.loads((study / name / "tokenizer_eval.json").read_text())
     baseline = {
-        "decoder_steps": _decoder_steps(study_cfg),
+        "decoder_steps": decoder_training_steps(study_cfg),
         "decoder_only_steps": _decoder_only(study_cfg),
         "decoder_only_gan_weight": _decoder_only_gan_weight(study_cfg),
         "psnr": before["psnr"],
@@ -179,7 +180,7 @@ def refine_decoder(
     return baseline, entry
 
 
-def _decoder_steps(cfg: TokenizerTrainConfig) -> int:
+def decoder_training_steps(cfg: TokenizerTrainConfig) -> int:
     return sum(s.steps for s in cfg.stages if "decoder" in s.train)
 
 

@@ -11,10 +11,13 @@ kept on a doubling grid of steps; the plateau criterion below picks the export t
 `aligntok tokenizer eval` on the val split (PSNR, LPIPS, rFID, class-balanced linear probe, CKNNA to the
 original encoder): semantics against stage-2 steps is the drift curve.
 
-Plateau criterion for stage 1 (ours; the paper gives no lengths): the first kept step s at which the
-validation PSNR of the fixed val batch (logged every `val_every` steps) is within `PLATEAU_DB` of the best
-value the run reaches at or after s. A run whose last kept step is the first to qualify has not shown a
-plateau; the record says so and stage 2 then starts from the last export.
+Plateau criterion for stage 1 (ours; the paper gives no lengths): the first kept step s whose validation
+PSNR (of the fixed val batch, logged every `val_every` steps), averaged over the `PLATEAU_WINDOW` logs up to
+s, is within `PLATEAU_DB` of the same average at the end of the run: the rest of the run, at least as long
+again on the doubling grid, gains less than that. (The average, because one log moves +-0.3 dB from the
+next; against the best later log, that noise alone would keep every step from qualifying.) A run whose
+last kept step is the first to qualify has not shown a plateau; the record says so and stage 2 then starts
+from the last export.
 
 The record, benchmarks/results/stage2-<dataset>.json, is reproduce.py's ledger: every number lands the
 moment it is measured, with the commit, date and wall time that measured it, and a rerun (on any machine)
@@ -47,6 +50,7 @@ from aligntok.train.tokenizer import kept_stage_export, stage_dir, train_tokeniz
 from reproduce import BASES, ROOT, git_commit, open_ledger
 
 PLATEAU_DB = 0.25
+PLATEAU_WINDOW = 5
 METRICS = ("psnr", "lpips", "rfid", "probe_balanced", "cknna")
 
 
@@ -59,6 +63,7 @@ class Settings:
     sp_weights: tuple[float, ...]
     sp_kind: str
     eval_num: int = 870
+    base: str | None = None  # the tokenizer recipe (default: the dataset's, BASES; the tests' is "debug")
 
 
 S1_FIRST, S2_FIRST = 300, 100  # the first kept step of each stage; later ones double
@@ -78,12 +83,16 @@ def recipe(s: Settings, stage2: dict[str, Any] | None = None, *, stage1_steps: i
     Under the recipes' constant lr an export kept at step k is the export of a k-step stage, so numbers keyed
     by step stay valid when a later session lengthens a stage."""
     n1 = stage1_steps or s.stage1_steps
-    sets = [f"stages.0.steps={n1}", f"stages.0.keep_exports={list(doubling(n1, S1_FIRST))}"]
+    sets = [
+        f"data={s.dataset}",
+        f"stages.0.steps={n1}",
+        f"stages.0.keep_exports={list(doubling(n1, S1_FIRST))}",
+    ]
     if stage2 is not None:
         kept = list(doubling(s.stage2_steps, S2_FIRST))
         sets += [f"stages.1.steps={s.stage2_steps}", f"stages.1.keep_exports={kept}"]
         sets += [f"stages.1.{k}={json.dumps(v)}" for k, v in stage2.items()]
-    return apply_overrides(tokenizer_train_recipe(BASES[s.dataset]), sets)
+    return apply_overrides(tokenizer_train_recipe(s.base or BASES[s.dataset]), sets)
 
 
 def fingerprint(s: Settings) -> str:
@@ -98,9 +107,14 @@ def fingerprint(s: Settings) -> str:
 def plateau(log: list[dict[str, Any]], kept: tuple[int, ...]) -> tuple[int, bool]:
     """The kept stage-1 step the criterion picks, and whether the run showed a plateau there."""
     psnr_at = {r["step"]: r["val_psnr"] for r in log if "val_psnr" in r}
+
+    def smoothed(step: int) -> float:
+        window = [v for t, v in sorted(psnr_at.items()) if t <= step][-PLATEAU_WINDOW:]
+        return sum(window) / len(window)
+
+    final = smoothed(max(psnr_at))
     for k in kept:
-        later = [v for t, v in psnr_at.items() if t >= k]
-        if k in psnr_at and max(later) - psnr_at[k] < PLATEAU_DB:
+        if k in psnr_at and final - smoothed(k) < PLATEAU_DB:
             return k, k != kept[-1]
     return kept[-1], False
 
@@ -191,7 +205,10 @@ def main() -> None:
         write_json({**record, "measured": ledger.measured}, json_path)
 
     start, step, flat = stage1(s, out)
-    record["plateau"] = {"stage1_steps": s.stage1_steps, "step": step, "plateau_seen": flat, "db": PLATEAU_DB}
+    record["plateau"] = {
+        **{"stage1_steps": s.stage1_steps, "step": step, "plateau_seen": flat},
+        **{"db": PLATEAU_DB, "window": PLATEAU_WINDOW},
+    }
     kept1, run1 = doubling(s.stage1_steps, S1_FIRST), stage1_dir(s, out)
     for k in kept1:
         export, where = kept_stage_export(run1, recipe(s).stages[0], k), run1 / f"eval-{k}.json"

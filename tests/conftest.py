@@ -9,12 +9,26 @@ the `slow` marker: `pytest -m "not slow"` is the quick layer.
 
 from __future__ import annotations
 
+import importlib.util
+import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 from PIL import Image
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def load_benchmark(name: str):
+    """benchmarks/<name>.py as module `name` (registered in sys.modules, where the benchmarks' own imports
+    of each other find it: load a script's dependencies first)."""
+    spec = importlib.util.spec_from_file_location(name, ROOT / "benchmarks" / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # dataclasses look their module up while the file runs
+    spec.loader.exec_module(module)
+    return module
 
 
 def make_image_folder(root: Path, *, per_class: int = 6, size: int = 32, seed: int = 0) -> Path:

@@ -328,12 +328,15 @@ class LatentCache:
         return len(self.labels)
 
 
-def same_latent_space(a: str | Path, b: str | Path) -> bool:
+def same_latent_space(a: str | Path, b: str | Path, *, statistics: bool = True) -> bool:
     """Whether two tokenizer exports hold the same weights and buffers (latent statistics included)
     outside the decoder: they encode, and normalise latents, identically, and differ at most in how they
-    decode (a decoder refined further, as AlignTok's stage 3 does with everything else frozen)."""
+    decode (a decoder refined further, as AlignTok's stage 3 does with everything else frozen). With
+    `statistics=False` the normalising statistics are not compared (a stage's export has none yet: the
+    final export measures them)."""
     wa, wb = (load_file(Path(p) / "model.safetensors") for p in (a, b))
-    return wa.keys() == wb.keys() and all(wa[k].equal(wb[k]) for k in wa if not k.startswith("decoder."))
+    skip = ("decoder.",) if statistics else ("decoder.", "latent_mean", "latent_std")
+    return wa.keys() == wb.keys() and all(wa[k].equal(wb[k]) for k in wa if not k.startswith(skip))
 
 
 def check_tokenizer(
