@@ -3,6 +3,7 @@
     python benchmarks/stage2_dit.py --dataset emoji [--stage1-steps 2400] [--stage2-steps 800]
         [--variants elr0.0002-wsp0,elr0.0002-wsp0.01,elr0.0002-wsp1,stage1,vae,vavae] [--seeds 1]
         [--refine-steps 1600] [--refine-lr 2e-4] [--refine-ema 0.99] [--budget full]
+        [--dit-steps 1200] [--num-samples 1000]
         [--sp-kind l2_norm] [--out runs/stage2-<dataset>] [--json PATH] [--fresh]
 
 The tokenizers, in work shared with benchmarks/stage2_study.py (whose `--stage1-steps`, `--stage2-steps` and
@@ -20,9 +21,12 @@ the decoders, which set each tokenizer's reconstruction floor, have all trained 
 on a fixed latent, and do not decide the ranking. Measured per tokenizer: `tokenizer eval`'s PSNR, LPIPS,
 rFID, probe and CKNNA; the reconstruction floor (reproduce.py's: the gFID of real latents, decoded); and
 per DiT seed, reproduce.py's class-conditional DiT recipe at `--budget` trained on its latents, with the
-gFID at its last checkpoint with guidance and without. The ranking orders the tokenizers by end-to-end
-gFID and by the DiT's share above its decoder floor, sqrt(gFID) - sqrt(floor). `--seeds N` trains seeds
-0..N-1 of the `--variants` named: add a seed where gaps are close by rerunning with just those.
+gFID at its last checkpoint with guidance and without. `--dit-steps` and `--num-samples` shorten the
+budget's DiT and gFID (half the `full` study's by default: six tokenizers at its 2,400 steps and 2,000
+samples would take about 8 hours of one core; a ranking needs only that all share one budget). The ranking
+orders the tokenizers by end-to-end gFID and by the DiT's share above its decoder floor, sqrt(gFID) -
+sqrt(floor). `--seeds N` trains seeds 0..N-1 of the `--variants` named: add a seed where gaps are close by
+rerunning with just those.
 
 Record: benchmarks/results/stage2-dit-<dataset>.json, reproduce.py's ledger (every number lands when it is
 measured, with its commit, date and wall time; a rerun measures only what is missing), bound to a
@@ -232,6 +236,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     p.add_argument("--refine-lr", type=float, default=2e-4)
     p.add_argument("--refine-ema", type=float, default=0.99)
     p.add_argument("--budget", choices=sorted(rep.BUDGETS), default="full", help="reproduce.py's DiT budget")
+    p.add_argument("--dit-steps", type=int, default=1200, help="0: the budget's")
+    p.add_argument("--num-samples", type=int, default=1000, help="gFID and floor samples; 0: the budget's")
     p.add_argument("--base", default=None, help="tokenizer base recipe (default: the dataset's)")
     p.add_argument("--eval-num", type=int, default=870)
     p.add_argument("--out", default=None, help="work directory (default runs/stage2-<dataset>)")
@@ -250,12 +256,22 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         eval_num=a.eval_num,
         base=a.base,
     )
-    refine, budget = Refine(a.refine_steps, a.refine_lr, a.refine_ema), rep.BUDGETS[a.budget]
+    refine = Refine(a.refine_steps, a.refine_lr, a.refine_ema)
+    base = rep.BUDGETS[a.budget]
+    steps, num = a.dit_steps or base.dit_steps, a.num_samples or base.num_samples
+    budget = dataclasses.replace(base, dit_steps=steps, checkpoints=(steps,), num_samples=num)
+    budget = dataclasses.replace(budget, ref_num=rep.reference_size(a.dataset, budget))
     names = a.variants.split(",")
     out = Path(a.out or f"runs/stage2-{a.dataset}")
     json_path = Path(a.json or rep.ROOT / "benchmarks" / "results" / f"stage2-dit-{a.dataset}.json")
     record: dict[str, Any] = {
-        "settings": {**dataclasses.asdict(s), "refine": dataclasses.asdict(refine), "budget": a.budget},
+        "settings": {
+            **dataclasses.asdict(s),
+            "refine": dataclasses.asdict(refine),
+            "budget": a.budget,
+            "dit_steps": budget.dit_steps,
+            "num_samples": budget.num_samples,
+        },
         "fingerprint": fingerprint(s, refine, budget),
     }
 
