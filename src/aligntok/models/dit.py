@@ -212,8 +212,8 @@ class DiTBlock(nn.Module):
     def finish(self, x: Tensor, o: Tensor, mods: tuple[Tensor, ...]) -> Tensor:
         """Add the gated attention output o (B, H, N, K), then the gated MLP, to x (B, N, D) -> (B, N, D)."""
         _, _, gate_a, shift_m, scale_m, gate_m = mods
-        x = x + gate_a * self.attn.out(o)
-        return x + gate_m * self.mlp(modulate(self.norm2(x), shift_m, scale_m))
+        x = torch.addcmul(x, gate_a, self.attn.out(o))  # x + gate * out, fused
+        return torch.addcmul(x, gate_m, self.mlp(modulate(self.norm2(x), shift_m, scale_m)))
 
     def forward(
         self, x: Tensor, c: Tensor, rope: tuple[Tensor, Tensor] | None = None, mask: Tensor | None = None
