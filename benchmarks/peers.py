@@ -238,7 +238,8 @@ def sample_pair(bf16: bool) -> Pair:
 
     ours, _ = our_dit(False)
     peer = peer_dit(False)
-    ours.eval(), peer.eval()
+    ours.eval()
+    peer.eval()
     g = torch.Generator().manual_seed(0)
     z1 = torch.randn(BATCH, *LATENT, generator=g)
     y = torch.randint(0, NUM_CLASSES, (BATCH,), generator=g)

@@ -61,7 +61,6 @@ from decoder_share import decoder_training_steps, longer_decoder
 
 VAVAE_VF_WEIGHT = 0.1  # VA-VAE's base `vf_weight` under its adaptive rule (LightningDiT's VA-VAE config)
 BASELINES = ("stage1", "vae", "vavae")
-METRICS = ("psnr", "lpips", "rfid", "probe_balanced", "cknna")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -137,7 +136,7 @@ def study_variant(
 
     def metrics() -> dict[str, float]:
         m = tokenizer_metrics(tok, s.dataset, num=s.eval_num, bf16=True, out=run / "tokenizer_eval.json")
-        return {k: m[k] for k in (*METRICS, "cknna_centered_mask")}
+        return {k: m[k] for k in (*st2.METRICS, "cknna_centered_mask")}
 
     ledger.value(f"{name}/metrics", metrics)
     ledger.value(f"{name}/recon_floor", lambda: rep.reconstruction_floor(run, s.dataset, budget)["fid"])
@@ -171,7 +170,11 @@ def ranking(names: list[str], ledger: rep.Ledger, budget: rep.Budget) -> list[di
     DiT seeds measured, the DiT's share sqrt(gFID) - sqrt(floor), and the rank under both (1: best)."""
     rows = []
     for name in names:
-        seeds = [k for k in range(100) if ledger.has(gfid_key(name, k, budget.cfg))]
+        seeds = sorted(
+            int(k.split("/")[1].removeprefix("seed"))
+            for k in ledger.measured
+            if k.startswith(f"{name}/seed") and k.endswith(f"/cfg{budget.cfg:g}")
+        )
         if not seeds or not ledger.has(f"{name}/metrics") or not ledger.has(f"{name}/recon_floor"):
             continue
         gfid = [ledger.get(gfid_key(name, k, budget.cfg)) for k in seeds]

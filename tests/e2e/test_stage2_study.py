@@ -3,6 +3,7 @@ image folder and a stand-in Inception (the real runs are in docs/results.md)."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 
@@ -55,7 +56,7 @@ def test_every_variant_gets_the_same_refinement_and_the_ranking_holds_both_measu
         assert same_latent_space(source, tok / "export", statistics=False)
         assert any(not before[k].equal(after[k]) for k in before if k.startswith("decoder."))
     # Equal steps: stage 1 alone and the baselines train as long as stage 1 + stage 2.
-    alone = st2.stage1_dir(st2.dataclasses.replace(s, stage1_steps=8), tmp_path / "out")
+    alone = st2.stage1_dir(dataclasses.replace(s, stage1_steps=8), tmp_path / "out")
     assert read_log(alone / "stage-1" / "log.jsonl")[-1]["step"] == 8
     vavae = json.loads((tmp_path / "out" / "vavae-8" / "config.json").read_text())["stages"][0]
     assert (vavae["steps"], vavae["vf_weight_mode"]) == (8, "adaptive")
