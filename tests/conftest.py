@@ -10,13 +10,17 @@ the `slow` marker: `pytest -m "not slow"` is the quick layer.
 from __future__ import annotations
 
 import importlib.util
+import os
 import sys
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
 import torch
 from PIL import Image
+from torch.distributed import TCPStore
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -117,3 +121,30 @@ def stub_inception(tmp_path, monkeypatch) -> None:
     monkeypatch.setattr(inception.InceptionFeatures, "from_assets", classmethod(from_assets))
     monkeypatch.setattr(reference, "inception_sha256", lambda: "stub")
     monkeypatch.setattr(reference, "cache_dir", lambda: tmp_path / "fid_refs")
+
+
+def _rank_main(rank: int, world: int, port: int, fn: Callable[..., None], args: tuple) -> None:
+    from aligntok import distributed
+
+    os.environ.update(
+        RANK=str(rank),
+        WORLD_SIZE=str(world),
+        LOCAL_RANK=str(rank),
+        MASTER_ADDR="127.0.0.1",
+        MASTER_PORT=str(port),
+        TORCHELASTIC_USE_AGENT_STORE="True",  # every rank is a client of the launcher's store
+        ALIGNTOK_DEVICE="cpu",
+    )
+    torch.set_num_threads(1)
+    distributed.init()
+    fn(*args)
+    distributed.barrier()
+    distributed.shutdown()
+
+
+def spawn_ranks(fn: Callable[..., None], *args: Any, world: int = 2) -> None:
+    """Run fn(*args) on `world` gloo ranks in fresh processes, as torchrun starts them: the rendezvous store
+    lives in this, the launching, process (torchrun's agent store), so no rank that finishes first can take
+    it down under another rank's teardown (rank 0 hosting it aborted the other rank now and then)."""
+    store = TCPStore("127.0.0.1", 0, is_master=True, wait_for_workers=False)
+    torch.multiprocessing.spawn(_rank_main, args=(world, store.port, fn, args), nprocs=world, join=True)

@@ -8,10 +8,8 @@ import contextlib
 import json
 import os
 import shutil
-import socket
 import subprocess
 import sys
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -34,38 +32,10 @@ from aligntok.sampling import SampleConfig
 from aligntok.train.common import SpikeGuard, read_log
 from aligntok.train.dit import train_dit
 from aligntok.train.tokenizer import train_tokenizer
-from conftest import failing_on_call
+from conftest import failing_on_call, spawn_ranks
 
 pytestmark = pytest.mark.distributed
 MODES = ("ddp", "fsdp")
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _rank_main(rank: int, world: int, port: int, fn: Callable[..., None], args: tuple) -> None:
-    os.environ.update(
-        RANK=str(rank),
-        WORLD_SIZE=str(world),
-        LOCAL_RANK=str(rank),
-        MASTER_ADDR="127.0.0.1",
-        MASTER_PORT=str(port),
-        ALIGNTOK_DEVICE="cpu",
-    )
-    torch.set_num_threads(1)
-    distributed.init()
-    fn(*args)
-    # Rank 0 hosts the rendezvous store: no rank may leave while another still talks to it.
-    distributed.barrier()
-    distributed.shutdown()
-
-
-def _spawn(fn: Callable[..., None], *args: Any, world: int = 2) -> None:
-    """Run fn(*args) on `world` gloo ranks (fresh processes, as torchrun would start them)."""
-    torch.multiprocessing.spawn(_rank_main, args=(world, _free_port(), fn, args), nprocs=world, join=True)
 
 
 class _RecordGrads:
@@ -129,7 +99,7 @@ def _dit_one_step(cache: Path, out: Path, recipe: str) -> None:
 def test_dit_step_on_2_ranks_equals_one_process(cache, tmp_path, recipe) -> None:
     with _RecordGrads() as ref:
         train_dit(_dit_cfg("none", recipe, steps=1), latents=cache, out=tmp_path / "one")
-    _spawn(_dit_one_step, cache, tmp_path, recipe)
+    spawn_ranks(_dit_one_step, cache, tmp_path, recipe)
     ref_loss = read_log(tmp_path / "one" / "log.jsonl")[0]["loss"]
     for mode in MODES:
         _assert_same_grads(ref.grads, torch.load(tmp_path / mode / "grads.pt"))
@@ -173,7 +143,7 @@ def test_tokenizer_step_of_each_stage_on_2_ranks_equals_one_process(image_folder
         train_tokenizer(apply_overrides(_tok_cfg("none"), [f"data={image_folder}"]), out=ref)
     # Per stage: the generator's step, then the discriminator's.
     ref_grads = {k: rec.grads[2 * i : 2 * i + 2] for i, k in enumerate("123")}
-    _spawn(_tokenizer_stages, ref, tmp_path, str(image_folder))
+    spawn_ranks(_tokenizer_stages, ref, tmp_path, str(image_folder))
     for mode in MODES:
         for k in "123":
             _assert_same_grads(ref_grads[k], torch.load(tmp_path / mode / k / "grads.pt"))
@@ -206,7 +176,7 @@ def _dit_interrupted(cfg, cache: Path, out: Path) -> None:
 def test_dit_state_saved_on_2_ranks_resumes_on_1(cache, tmp_path) -> None:
     cfg = _dit_cfg("fsdp", steps=6, ckpt_every=3)
     full = train_dit(cfg, latents=cache, out=tmp_path / "full")
-    _spawn(_dit_interrupted, cfg, cache, tmp_path / "cut")
+    spawn_ranks(_dit_interrupted, cfg, cache, tmp_path / "cut")
     saved = latest_checkpoint(tmp_path / "cut" / "checkpoints")
     assert saved is not None and saved.name == "step-0000003"
     assert sorted(p.name for p in saved.glob("*.distcp")) == ["__0_0.distcp", "__1_0.distcp"]
@@ -236,7 +206,7 @@ def test_latent_cache_and_sampler_on_2_ranks_equal_one_process(
     one = generate(
         dit_dir=dit, num=6, out=tmp_path / "one", sample=SampleConfig(steps=2, cfg_scale=2.0), batch_size=2
     )
-    _spawn(_cache_and_sample, debug_tokenizer, str(image_folder), dit, tmp_path / "two")
+    spawn_ranks(_cache_and_sample, debug_tokenizer, str(image_folder), dit, tmp_path / "two")
     a, b = LatentCache.load(cache), LatentCache.load(tmp_path / "two" / "cache")
 
     def rest(meta: dict) -> dict:

@@ -5,8 +5,6 @@ checkpointing in one process; FSDP2 with bf16 mixed precision on 2 gloo ranks), 
 from __future__ import annotations
 
 import math
-import os
-import socket
 
 import pytest
 import torch
@@ -14,6 +12,7 @@ import torch
 from aligntok.models.dit import DiTBlock
 from aligntok.models.layers import Attention, attend, grid_coords, rope_2d_tables, swiglu_hidden
 from aligntok.models.mmdit import MMDIT_PRESETS, MMDiT, MMDiTConfig, drop_text, mmdit_preset
+from conftest import spawn_ranks
 
 TEXT_DIM = 12
 
@@ -344,16 +343,13 @@ def test_activation_checkpointing_keeps_loss_keys_and_grads():
     assert all(torch.equal(a, b) for a, b in zip(plain, ac)) and all(a.abs().sum() > 0 for a in plain)
 
 
-def _fsdp_rank(rank: int, port: int, path: str) -> None:
+def _fsdp_rank(path: str) -> None:
     """One of 2 gloo ranks: FSDP2 (fp32, then bf16 params + autocast) with activation checkpointing; each
     rank takes its half of the batch, and the full gradients are saved by rank 0."""
     from aligntok import distributed
     from aligntok.parallelize import ParallelConfig, full_state, parallelize
 
-    os.environ.update(RANK=str(rank), WORLD_SIZE="2", LOCAL_RANK=str(rank), MASTER_ADDR="127.0.0.1")
-    os.environ.update(MASTER_PORT=str(port), ALIGNTOK_DEVICE="cpu")
-    torch.set_num_threads(1)
-    distributed.init()
+    rank = distributed.world().rank
     results = {}
     for bf16 in (False, True):
         model = random_model(double_depth=2, single_depth=1)
@@ -370,18 +366,13 @@ def _fsdp_rank(rank: int, port: int, path: str) -> None:
         results[bf16] = list(full_state({str(i): p.grad for i, p in enumerate(model.parameters())}).values())
     if rank == 0:
         torch.save(results, path)
-    distributed.barrier()
-    distributed.shutdown()
 
 
 @pytest.mark.distributed
 @pytest.mark.slow
 def test_fsdp2_with_bf16_mixed_precision_matches_one_process(tmp_path):
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
     out = tmp_path / "grads.pt"
-    torch.multiprocessing.spawn(_fsdp_rank, args=(port, str(out)), nprocs=2, join=True)
+    spawn_ranks(_fsdp_rank, str(out))
     got = torch.load(out)
     model = random_model(double_depth=2, single_depth=1)
     x, t = inputs(b=4)
