@@ -22,7 +22,8 @@ from the last export.
 The record, benchmarks/results/stage2-<dataset>.json, is reproduce.py's ledger: every number lands the
 moment it is measured, with the commit, date and wall time that measured it, and a rerun (on any machine)
 measures only what is missing, so a study longer than a session lands piece by piece. It is bound to a
-fingerprint of the settings (`--fresh` starts over). docs/img/stage2-<dataset>.png plots the drift curves.
+fingerprint of the settings (`--fresh` starts over). docs/img/stage2-<dataset>-from<stage-1 step>-*.png
+plot the drift curves and the frontier, one set per stage-1 starting point.
 """
 
 from __future__ import annotations
@@ -256,7 +257,7 @@ def plot(s: Settings, measured: dict[str, Any], start_step: int) -> None:
             points = [(0, base[metric])] if metric in base else []
             points += [(k, value(name, k)[metric]) for k in kept if value(name, k)]
             series[f"encoder lr {lr:g}, w_sp {w:g}"] = points
-        path = ROOT / "docs" / "img" / f"stage2-{s.dataset}-{metric}.png"
+        path = ROOT / "docs" / "img" / f"stage2-{s.dataset}-from{start_step}-{metric}.png"
         plot_curves(
             series, path, title=f"{s.dataset}: {metric} in stage 2", xlabel="stage-2 step", ylabel=metric
         )
@@ -268,7 +269,7 @@ def plot(s: Settings, measured: dict[str, Any], start_step: int) -> None:
                 )
         if base:
             frontier[f"stage-1 export (step {start_step})"] = [(base[metric], base["psnr"])]
-        path = ROOT / "docs" / "img" / f"stage2-{s.dataset}-frontier-{metric}.png"
+        path = ROOT / "docs" / "img" / f"stage2-{s.dataset}-from{start_step}-frontier-{metric}.png"
         title = f"{s.dataset}: reconstruction vs {metric} after {s.stage2_steps} stage-2 steps"
         plot_curves(frontier, path, title=title, xlabel=metric, ylabel="val PSNR (dB)")
 
