@@ -286,3 +286,28 @@ def test_an_export_from_before_an_option_existed_is_reused(tmp_path, run: Path, 
     changed = apply_overrides(cfg, ["stages.0.vf_weight_mode=adaptive"])
     with pytest.raises(ValueError, match=r"stages\.0\.vf_weight_mode"):
         train_tokenizer(changed, out=out, stage="1")
+
+
+def test_a_finished_stage_lengthened_equals_the_longer_run_and_a_cosine_one_is_refused(
+    tmp_path, image_folder, capsys
+) -> None:
+    recipe = tokenizer_train_recipe("debug-vae")
+    cfg = lambda *sets: apply_overrides(recipe, [f"data={image_folder}", *sets])  # noqa: E731
+    train_tokenizer(cfg("stages.0.steps=2"), out=tmp_path / "short")
+    with pytest.raises(ValueError, match="--resume"):
+        train_tokenizer(cfg("stages.0.steps=4"), out=tmp_path / "short")
+    capsys.readouterr()
+    longer = train_tokenizer(cfg("stages.0.steps=4"), out=tmp_path / "short", resume=True)
+    said = capsys.readouterr().out
+    assert "lengthened from 2 to 4 steps" in said and "resumed at step 2" in said
+    fresh = train_tokenizer(cfg("stages.0.steps=4"), out=tmp_path / "fresh")
+    a, b = Tokenizer.from_pretrained(longer).state_dict(), Tokenizer.from_pretrained(fresh).state_dict()
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    assert [r["step"] for r in read_log(tmp_path / "short" / "stage-all" / "log.jsonl")] == [
+        r["step"] for r in read_log(tmp_path / "fresh" / "stage-all" / "log.jsonl")
+    ]
+    # Under a cosine schedule every step's lr depends on the length: a longer stage is another run.
+    cosine = ("stages.0.schedule=cosine",)
+    train_tokenizer(cfg(*cosine, "stages.0.steps=2"), out=tmp_path / "cos")
+    with pytest.raises(ValueError, match=r"other settings \(differs in: stages\.0\.steps"):
+        train_tokenizer(cfg(*cosine, "stages.0.steps=4"), out=tmp_path / "cos", resume=True)

@@ -141,10 +141,14 @@ class StepBatchSampler(torch.utils.data.Sampler[list[int]]):
         return max(0, self.stop - self.start)
 
 
-def check_resume_config(saved: dict[str, Any], cfg: Any, path: Path) -> None:
-    """Refuse to resume a run made with another config; `parallel` (how it runs, not what) may differ."""
+def check_resume_config(
+    saved: dict[str, Any], cfg: Any, path: Path, may_differ: frozenset[str] = frozenset()
+) -> None:
+    """Refuse to resume a run made with another config; `parallel` (how it runs, not what) and the dotted
+    paths in `may_differ` (a trainer's own exceptions), with all below them, may differ."""
     now = {k: v for k, v in to_dict(cfg).items() if k != "parallel"}
     differs = differences({k: v for k, v in saved.items() if k != "parallel"}, now)
+    differs = [d for d in differs if not any(d == m or d.startswith(f"{m}.") for m in may_differ)]
     if differs:
         raise ValueError(
             f"{path} was made with another config (differs in: {', '.join(differs[:6])}); resume with the "
@@ -169,17 +173,22 @@ def save_checkpoint(
 
 
 def load_checkpoint(
-    path: Path, *, cfg: Any, tensors: dict[str, Any], generator: torch.Generator
+    path: Path,
+    *,
+    cfg: Any,
+    tensors: dict[str, Any],
+    generator: torch.Generator,
+    may_differ: frozenset[str] = frozenset(),
 ) -> dict[str, Any]:
-    """Resume from the state `save_checkpoint` wrote at `path`: refuse another config, fill `tensors` in
-    place, restore the RNG states and `generator`; returns the scalars (e.g. `state["step"]`). The state is
-    verified once, before anything in it is read (`TrainingState`)."""
+    """Resume from the state `save_checkpoint` wrote at `path`: refuse another config (but the paths in
+    `may_differ`), fill `tensors` in place, restore the RNG states and `generator`; returns the scalars (e.g.
+    `state["step"]`). The state is verified once, before anything in it is read (`TrainingState`)."""
     saved = TrainingState(path)
     state = saved.scalars()
     missing = sorted({"config", "step", "rng", "generator", "world_size"} - set(state))
     if missing or not isinstance(state["config"], dict):
         raise ValueError(f"{path}: {STATE_JSON} is not a trainer's state; delete {path.parent} to restart")
-    check_resume_config(state["config"], cfg, path)
+    check_resume_config(state["config"], cfg, path, may_differ)
     saved.load_tensors(tensors)
     try:
         set_rng_state(state["rng"])

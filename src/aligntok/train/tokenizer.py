@@ -17,6 +17,7 @@ Run directory:
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
 import json
 import time
@@ -109,6 +110,24 @@ def _finished(export: Path, wanted: dict[str, Any], what: str) -> bool:
     return True
 
 
+def _lengthened(export: Path, cfg: TokenizerTrainConfig, k: int) -> int | None:
+    """The steps stage `k`'s finished `export` ran, if it is that stage asked to run longer: made from the
+    same inputs but fewer steps, under a constant lr schedule, where nothing before a step depends on the
+    stage's length (`_export_stage`), so resuming its last checkpoint continues the longer run; else None."""
+    stage = cfg.stages[k]
+    if not _export_done(export) or stage.schedule != "constant":
+        return None
+    meta = json.loads((export / "config.json").read_text()).get("meta", {})
+    done, recorded = meta.get("step"), meta.get("inputs")
+    if recorded is None or not isinstance(done, int) or done >= stage.steps:
+        return None
+    stages = list(cfg.stages)
+    kept = tuple(k for k in stage.keep_exports if k <= done)  # not an input: only valid ones
+    stages[k] = dataclasses.replace(stage, steps=done, keep_exports=kept)
+    shorter = stage_inputs(dataclasses.replace(cfg, stages=stages), k)
+    return None if differences(_with_defaults(recorded, shorter), shorter) else done
+
+
 def _with_defaults(recorded: dict[str, Any], wanted: dict[str, Any]) -> dict[str, Any]:
     """`recorded` inputs with the config fields added since they were written at their defaults, so that an
     option left at its default does not refuse an older export (as written if they no longer build)."""
@@ -134,6 +153,16 @@ def _plan(cfg: TokenizerTrainConfig, out: Path, stage: str, resume: bool) -> lis
     todo = []
     for k in range(last + 1):
         sdir = stage_dir(out, cfg.stages[k])
+        done = _lengthened(sdir / "export", cfg, k)
+        if done is not None:
+            if not resume:
+                raise ValueError(f"{sdir} finished {done} steps of {cfg.stages[k].steps}: pass --resume")
+            distributed.print0(
+                f"stage {names[k]}: lengthened from {done} to {cfg.stages[k].steps} steps (constant lr: the "
+                "run it continues is the first steps of one this long)"
+            )
+            todo.append(k)
+            continue
         if _finished(sdir / "export", stage_inputs(cfg, k), f"stage {names[k]}"):
             distributed.print0(f"stage {names[k]}: done already ({sdir / 'export'})")
             continue
@@ -169,7 +198,7 @@ def train_tokenizer(
         todo = _plan(cfg, out, stage, resume)
         final = out / "export"
         whole = stage in ("all", names[-1])  # the last stage also writes the final export
-        final_done = whole and _finished(final, stage_inputs(cfg, None), "the final export")
+        final_done = whole and not todo and _finished(final, stage_inputs(cfg, None), "the final export")
         if world.is_main:
             save_json(cfg, out / "config.json")  # the run is accepted: its config is the one on disk
         for k in todo:
@@ -247,8 +276,14 @@ def _train_stage(cfg: TokenizerTrainConfig, stage: StageConfig, *, out: Path) ->
     guard = SpikeGuard(None, stage.max_consecutive_skips)  # non-finite losses and gradients only
     if last is not None:
         loaded = parts.tensors()
-        state = load_checkpoint(last, cfg=cfg, tensors=loaded, generator=parts.generator)
+        k = _index(cfg, stage)
+        longer = frozenset(
+            {f"stages.{k}.steps", f"stages.{k}.keep_exports"} if stage.schedule == "constant" else ()
+        )
+        state = load_checkpoint(last, cfg=cfg, tensors=loaded, generator=parts.generator, may_differ=longer)
         step = state["step"]
+        if step > stage.steps:
+            raise ValueError(f"{last} is past this stage's {stage.steps} steps: a stage cannot be shortened")
         guard.load_state_dict(state["guard"])
         set_module_state(parts.autoencoder, parts.opt, loaded["autoencoder"])
         if parts.disc is not None:
