@@ -31,7 +31,9 @@ are printed.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
+import fcntl
 import functools
 import hashlib
 import json
@@ -40,7 +42,7 @@ import platform
 import shutil
 import subprocess
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -229,16 +231,36 @@ def git_commit() -> str | None:
 class Ledger:
     """Every number a study has measured, keyed by what it measured: `{key: {"value", "commit", "date",
     "wall_s"}}`. `value(key, compute)` returns the recorded value, or computes, records and `save`s it at
-    once: the result file always holds all that is known, and a rerun anywhere recomputes none of it."""
+    once: the result file always holds all that is known, and a rerun anywhere recomputes none of it.
 
-    def __init__(self, measured: dict[str, Any], save: Callable[[], None], commit: str | None) -> None:
-        self.measured, self.save, self.commit = measured, save, commit
+    With the result file's `path`, every save first takes in what other processes have recorded there since
+    (under a lock on its folder), so that runs measuring different pieces of one study (one per core) share
+    one record and none overwrites another's numbers."""
+
+    def __init__(
+        self,
+        measured: dict[str, Any],
+        save: Callable[[], None],
+        commit: str | None,
+        path: Path | None = None,
+    ) -> None:
+        self.measured, self._save, self.commit, self.path = measured, save, commit, path
 
     def has(self, key: str) -> bool:
         return key in self.measured
 
     def get(self, key: str) -> Any:
         return self.measured[key]["value"]
+
+    def save(self) -> None:
+        if self.path is None:
+            self._save()
+            return
+        with _folder_lock(self.path.parent):
+            if self.path.is_file():
+                for key, entry in json.loads(self.path.read_text()).get("measured", {}).items():
+                    self.measured.setdefault(key, entry)
+            self._save()
 
     def value(self, key: str, compute: Callable[[], Any]) -> Any:
         if key not in self.measured:
@@ -264,6 +286,17 @@ class Ledger:
             self.save()
 
 
+@contextlib.contextmanager
+def _folder_lock(folder: Path) -> Iterator[None]:
+    """An exclusive flock on `folder` itself (no lock file left beside the records)."""
+    fd = os.open(folder, os.O_RDONLY)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        yield
+    finally:
+        os.close(fd)  # releases the lock
+
+
 def open_ledger(path: Path, fp: str, *, fresh: bool, save: Callable[[], None], commit: str | None) -> Ledger:
     """The ledger recorded in the result file at `path` for the study `fp` (empty if there is none, or with
     `fresh`). A result file of another study is not overwritten unless `fresh` says so."""
@@ -274,7 +307,9 @@ def open_ledger(path: Path, fp: str, *, fresh: bool, save: Callable[[], None], c
             f"{previous.get('fingerprint')}; this one is {fp}): pass --fresh to replace it, "
             "or --json elsewhere"
         )
-    return Ledger(previous["measured"] if previous else {}, save, commit)
+    if fresh and path.is_file():
+        path.unlink()  # so that the first save does not take the old numbers back in
+    return Ledger(previous["measured"] if previous else {}, save, commit, path)
 
 
 def reference_size(dataset: str, budget: Budget) -> int | None:

@@ -10,7 +10,8 @@ The tokenizers, in work shared with benchmarks/stage2_study.py (whose `--stage1-
 `--sp-kind` these are; its plateau criterion picks the stage-1 export at step P that stage 2 starts from):
 - `elr<lr>-wsp<w>`: stage 2 at that encoder lr and w_sp for `--stage2-steps` steps from the stage-1 export
   at P, as stage2_study.py trains it (trained here if it has not been);
-- `stage1`: stage 1 alone for P + `--stage2-steps` steps, the same stage-1 length plus the same extra steps;
+- `stage1`: stage 1 alone for P + `--stage2-steps` steps, the same stage-1 length plus the same extra steps
+  (the shared stage-1 run lengthened, where P is its last step: its constant lr makes that the same run);
 - `vae`, `vavae`: the one-stage baselines of the same base recipe, also for P + `--stage2-steps` steps;
   `vavae` with VA-VAE's adaptive VF weight (`VAVAE_VF_WEIGHT` times the gradient-norm ratio at the
   adapter's last layer).
@@ -92,6 +93,9 @@ def source(name: str, s: st2.Settings, out: Path) -> tuple[TokenizerTrainConfig,
     if name == "stage1":
         alone = dataclasses.replace(s, stage1_steps=steps)
         cfg, run = st2.recipe(alone), st2.stage1_dir(alone, out)
+        if step == s.stage1_steps and not run.exists():
+            # Under stage 1's constant lr, the shared run's P steps are this run's first P: lengthen a copy.
+            shutil.copytree(st2.stage1_dir(s, out), run)
         train_tokenizer(cfg, out=run, stage="1", resume=True)
         return dataclasses.replace(cfg, stages=cfg.stages[:1]), run
     if name in ("vae", "vavae"):

@@ -224,6 +224,29 @@ def test_a_record_belongs_to_one_study(tmp_path) -> None:
     assert not rep.open_ledger(path, "another", fresh=True, save=save, commit=None).measured
 
 
+def test_two_runs_of_one_study_share_its_record(tmp_path) -> None:
+    """Two processes measuring different pieces of one study (one per core) open the same record: each
+    save takes in the other's numbers, so neither overwrites what the other measured."""
+    path = tmp_path / "study.json"
+
+    def opened() -> rep.Ledger:
+        ledger = rep.open_ledger(path, "fp", fresh=False, save=lambda: write(), commit=None)
+
+        def write() -> None:
+            rep.write_json({"fingerprint": "fp", "measured": ledger.measured}, path)
+
+        return ledger
+
+    a, b = opened(), opened()
+    a.value("a/metrics", lambda: 1.0)
+    b.value("b/metrics", lambda: 2.0)  # b opened before a measured anything
+    a.value("a/gfid", lambda: 3.0)
+    on_disk = json.loads(path.read_text())["measured"]
+    assert {k: v["value"] for k, v in on_disk.items()} == {"a/metrics": 1.0, "b/metrics": 2.0, "a/gfid": 3.0}
+    assert not rep.open_ledger(path, "fp", fresh=True, save=lambda: None, commit=None).measured
+    assert not path.exists()  # --fresh: the old numbers cannot come back in through a merge
+
+
 @pytest.mark.slow
 def test_a_study_resumes_from_its_record_alone_and_retrains_only_for_what_is_missing(
     tmp_path, stub_inception, monkeypatch
