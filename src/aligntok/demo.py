@@ -13,6 +13,7 @@ and metrics are found and kept, so rerunning the same command after an interrupt
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import shlex
 import time
@@ -26,7 +27,7 @@ from aligntok.config import apply_overrides
 from aligntok.data import DATASETS, build_dataset, fetch_dataset
 from aligntok.data.latents import build_cache
 from aligntok.demo_report import class_part, text_part, write_report
-from aligntok.dit_eval import evaluate_t2i, t2i_ceilings
+from aligntok.dit_eval import class_adherence, evaluate_t2i, real_scores, t2i_ceilings
 from aligntok.evaluate import fid_floor, generation_fid
 from aligntok.files import cached_json, write_json
 from aligntok.generate import generate
@@ -219,21 +220,47 @@ def _run(p: DemoPreset, preset: str, out: Path) -> Path:
 
 
 def _class_part(p: DemoPreset, steps: _Steps, *, dit: Path, out: Path, resolution: int) -> tuple:
-    """Samples of every class with and without guidance, their gFID and the real-vs-real floor."""
+    """Samples of every class with and without guidance, their gFID and class adherence; the real-vs-real
+    floor and the adherence ceiling (the classifier on real validation images)."""
     kw = {"data": p.data, "num": p.num_samples, "ref_num": p.ref_num}
-    gfid = steps.run(
-        "samples of every class, gFID",
-        lambda: {
+
+    def sample_sets() -> tuple[dict[str, Any], dict[str, Any]]:
+        gfid = {
             name: generation_fid(dit, out=out / "samples" / name, sample=p.sample(scale), **kw)
             for name, scale in p.guidance.items()
-        },
-    )
+        }
+        adherence = {
+            name: cached_json(
+                out / "samples" / name / "adherence.json",
+                functools.partial(
+                    class_adherence, out / "samples" / name / "samples.npz", p.data, resolution
+                ),
+            )
+            for name in gfid
+        }
+        return gfid, adherence
+
+    gfid, adherence = steps.run("samples of every class: gFID, class adherence", sample_sets)
     floor_kw = {"num": p.num_samples, "resolution": resolution, "ref_num": p.ref_num, "bf16": p.bf16}
-    floor = steps.run(
-        "real-vs-real FID floor",
-        lambda: cached_json(out / "report" / "fid_floor.json", lambda: fid_floor(p.data, **floor_kw)),
+    floor, ceiling = steps.run(
+        "real images: FID floor, class-adherence ceiling",
+        lambda: (
+            cached_json(out / "report" / "fid_floor.json", lambda: fid_floor(p.data, **floor_kw)),
+            cached_json(
+                out / "report" / "adherence_ceiling.json",
+                lambda: real_scores(p.data, resolution, text=False),
+            ),
+        ),
     )
-    return class_part(out, out / "report", gfid=gfid, floor=floor, per_class=p.per_class)
+    return class_part(
+        out,
+        out / "report",
+        gfid=gfid,
+        floor=floor,
+        adherence=adherence,
+        ceiling=ceiling,
+        per_class=p.per_class,
+    )
 
 
 def _text_part(p: DemoPreset, steps: _Steps, *, dit: Path, out: Path, resolution: int) -> tuple:

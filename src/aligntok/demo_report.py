@@ -119,20 +119,68 @@ def _recon_rows(out: Path, report: Path) -> list[list[object]]:
     return rows
 
 
+ADHERENCE_GOAL = 0.8  # a class counts as recognisable at 80% of the classifier's accuracy on real images
+
+
+def _adherence_cell(adherence: dict[str, Any], ceiling: dict[str, Any], name: str) -> str:
+    got, real = adherence["category_per_class"].get(name), ceiling["category_per_class"].get(name)
+    if got is None or not real:
+        return "-"
+    return f"{got:.0%} ({got / real:.0%} of real)"
+
+
+def _adherence_rows(
+    gfid: dict[str, dict[str, Any]], adherence: dict[str, Any], ceiling: dict[str, Any]
+) -> list[list[object]]:
+    """Balanced class adherence of each sample set, and how many classes reach ADHERENCE_GOAL of the
+    ceiling; the ceiling itself."""
+    rows: list[list[object]] = []
+    for key, g in gfid.items():
+        per, real = adherence[key]["category_per_class"], ceiling["category_per_class"]
+        met = sum(1 for c, v in per.items() if real.get(c) and v >= ADHERENCE_GOAL * real[c])
+        how = f"{met} of {len(per)} classes at >= {ADHERENCE_GOAL:.0%} of the real images'"
+        rows.append(
+            [f"class adherence (balanced), {_guidance(g)}", _fmt(adherence[key]["category_balanced"]), how]
+        )
+    how = f"the same classifier on {ceiling['num']} real val images (the ceiling)"
+    rows.append(["class adherence (balanced), real images", _fmt(ceiling["category_balanced"]), how])
+    return rows
+
+
 def class_part(
-    out: Path, report: Path, *, gfid: dict[str, dict[str, Any]], floor: dict[str, Any], per_class: int
+    out: Path,
+    report: Path,
+    *,
+    gfid: dict[str, dict[str, Any]],
+    floor: dict[str, Any],
+    adherence: dict[str, Any],
+    ceiling: dict[str, Any],
+    per_class: int,
 ) -> tuple[dict[str, Any], list[list[object]], tuple[str, str]]:
-    """The class DiT's part of the report: its metrics (JSON and table rows) and the per-class grids."""
+    """The class DiT's part of the report: its metrics (JSON and table rows) and the per-class grids, each
+    row with its class adherence beside the real images' (`adherence`: per sample set; `ceiling`: real)."""
     classes = json.loads((out / "latents" / "meta.json").read_text())["classes"]
     metrics = {"gfid": {k: v["fid"] for k, v in gfid.items()}, "fid_floor": floor["fid"]}
     metrics["num_ref"] = floor["num_ref"]
+    metrics["adherence"] = {
+        k: v["category_per_class"] | {"balanced": v["category_balanced"]} for k, v in adherence.items()
+    }
+    metrics["adherence_ceiling"] = ceiling["category_per_class"] | {"balanced": ceiling["category_balanced"]}
     grids = {
         key: _class_rows(out / "samples" / key / "samples.npz", classes, per_class, report, f"samples-{key}")
         for key in gfid
     }
-    rows = [[c] + [Raw(f"<img src='{grids[k][i]}'>") for k in gfid] for i, c in enumerate(classes)]
-    section = html_table(["class"] + [_guidance(gfid[k]) for k in gfid], rows)
-    return metrics, _gfid_rows(gfid, floor), ("Samples of every class", section)
+    rows = [
+        [c]
+        + [Raw(f"<img src='{grids[k][i]}'>") for k in gfid]
+        + [_adherence_cell(adherence[k], ceiling, c) for k in gfid]
+        + [_fmt(ceiling["category_per_class"].get(c, "-"))]
+        for i, c in enumerate(classes)
+    ]
+    head = ["class"] + [_guidance(gfid[k]) for k in gfid]
+    head += [f"adherence, {_guidance(gfid[k])}" for k in gfid] + ["adherence, real images"]
+    table_rows = _gfid_rows(gfid, floor) + _adherence_rows(gfid, adherence, ceiling)
+    return metrics, table_rows, ("Samples of every class, with class adherence", html_table(head, rows))
 
 
 def _prompt_images(samples: Path, report: Path, prefix: str, num: int) -> list[tuple[str, str]]:

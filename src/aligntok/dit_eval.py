@@ -129,14 +129,35 @@ def _scores(
     return scores
 
 
-def t2i_ceilings(data: str | Path, resolution: int, *, num: int | None = None, text: bool = True) -> dict:
-    """The measures of `evaluate_t2i` on the real validation images themselves (adherence ceilings), and the
-    real-vs-real FID floor at the same count against the same reference."""
+def real_scores(data: str | Path, resolution: int, *, num: int | None = None, text: bool = True) -> dict:
+    """The measures of `evaluate_t2i` (class adherence alone with `text` False) on the real validation
+    images themselves (all, or a seeded subset of `num`): the ceilings generated images are read against."""
     val = real_images(data, split="val", resolution=resolution, num=num, seed=VAL_SEED)
     clf = _classifier(data, resolution)
     model = contrastive_model(data, resolution) if text else None
-    floor = fid_floor(data, num=len(val.labels), resolution=resolution, bf16=True)
-    return {**_scores(val.images, val, clf, model), "fid_floor": floor["fid"], "num": len(val.labels)}
+    return {**_scores(val.images, val, clf, model), "num": len(val.labels)}
+
+
+def t2i_ceilings(data: str | Path, resolution: int, *, num: int | None = None, text: bool = True) -> dict:
+    """`real_scores` and the real-vs-real FID floor at the same count against the same reference."""
+    scores = real_scores(data, resolution, num=num, text=text)
+    floor = fid_floor(data, num=scores["num"], resolution=resolution, bf16=True)
+    return {**scores, "fid_floor": floor["fid"]}
+
+
+def class_adherence(samples: str | Path, data: str | Path, resolution: int) -> dict[str, Any]:
+    """Class adherence of the class-labelled samples in the npz `samples`: the accuracy of the fixed category
+    classifier (trained on the real training images), overall, balanced and per class, with its record."""
+    clf = _classifier(data, resolution)
+    with np.load(samples) as f:
+        labels = torch.from_numpy(f["labels"]).long()
+    cat = clf.accuracy(npz_images(samples), labels)
+    return {
+        "category_accuracy": cat["overall"],
+        "category_balanced": cat["balanced"],
+        "category_per_class": cat["per_class"],
+        "models": {"category": clf.record},
+    }
 
 
 def evaluate_t2i(
@@ -162,13 +183,8 @@ def evaluate_class_dit(
     """gFID and class adherence (per class and overall) of `num` class-balanced samples of a class DiT."""
     out, resolution = Path(out), _resolution(dit_dir)
     fid = generation_fid(dit_dir, data=data, out=out, num=num, sample=sample)
-    clf = _classifier(data, resolution)
-    with np.load(out / "samples.npz") as f:
-        labels = torch.from_numpy(f["labels"]).long()
-    cat = clf.accuracy(npz_images(out / "samples.npz"), labels)
-    result = {"fid": fid["fid"], "category_accuracy": cat["overall"], "category_balanced": cat["balanced"]}
-    result |= {"category_per_class": cat["per_class"], "num": num, "sampling": sample.record()}
-    result["models"] = {"category": clf.record}
+    result = {"fid": fid["fid"], **class_adherence(out / "samples.npz", data, resolution)}
+    result |= {"num": num, "sampling": sample.record()}
     write_json(result, out / "class_eval.json")
     return result
 

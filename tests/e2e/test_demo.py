@@ -20,6 +20,7 @@ def debug_preset(tmp_path, monkeypatch, stub_inception) -> demo.DemoPreset:
     folder = make_image_folder(tmp_path / "shapes", per_class=20)
     preset = dataclasses.replace(demo.PRESETS["debug"], data=str(folder), ref_num=24)
     monkeypatch.setitem(demo.PRESETS, "debug", preset)
+    monkeypatch.setattr(dit_eval, "adherence_dir", lambda: tmp_path / "adherence")
     return preset
 
 
@@ -40,6 +41,12 @@ def test_demo_writes_the_report_and_resumes(tmp_path, debug_preset) -> None:
     metrics = json.loads((report / "metrics.json").read_text())
     assert set(metrics["gfid"]) == {"cfg1", f"cfg{debug_preset.cfg_scale:g}"}
     assert metrics["num_ref"] == debug_preset.ref_num and metrics["fid_floor"] > 0
+    # Class adherence of each sample set per class, beside the same classifier on real val images.
+    assert set(metrics["adherence"]) == set(metrics["gfid"])
+    for per_class in [*metrics["adherence"].values(), metrics["adherence_ceiling"]]:
+        assert set(per_class) == {*classes, "balanced"} and all(0 <= v <= 1 for v in per_class.values())
+    assert metrics["adherence_ceiling"]["balanced"] > 0.5  # two separable shapes: the classifier learned them
+    assert "of real)" in html and "class adherence (balanced), real images" in html
     assert "aligntok tokenizer train --recipe debug" in html and "aligntok dit train" in html
     # A rerun finds everything done: no training step and no sample is redone.
     dit_log = (out / "dit" / "log.jsonl").read_text()
