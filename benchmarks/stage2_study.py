@@ -96,11 +96,20 @@ def recipe(s: Settings, stage2: dict[str, Any] | None = None, *, stage1_steps: i
     return apply_overrides(tokenizer_train_recipe(s.base or BASES[s.dataset]), sets)
 
 
+# Stage-2 settings every variant sets itself (its name and `Settings.sp_kind` hold them).
+VARIANT_FIELDS = ("encoder_lr", "sp_weight", "sp_kind")
+
+
 def fingerprint(s: Settings) -> str:
-    """What the numbers depend on besides the keys they are stored under: the recipe without its lengths."""
+    """What the numbers depend on besides the keys they are stored under: stages 1 and 2 of the recipe
+    without their lengths and the fields each variant sets (stage 3 is never trained here), so that the
+    recipe's own choices of them can change without orphaning the record."""
     cfg = to_dict(recipe(s))
+    cfg["stages"] = cfg["stages"][:2]
     for stage in cfg["stages"]:
         stage.pop("steps"), stage.pop("keep_exports")
+    for k in VARIANT_FIELDS:
+        cfg["stages"][1].pop(k)
     what = [s.dataset, s.sp_kind, s.eval_num, cfg]
     return hashlib.sha256(json.dumps(what, sort_keys=True).encode()).hexdigest()[:16]
 
