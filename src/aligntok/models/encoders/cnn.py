@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 import math
 
+import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
@@ -69,13 +70,16 @@ class EfficientNetLiteEncoder(Encoder):
         self._freeze_unused([*net._blocks[self.block + 1 :], net._conv_head, net._bn1, net._fc])
 
     def _stem(self, x: Tensor) -> Tensor:
+        # Channels-last activations: the CPU's depthwise and 1x1 convolutions run ~1.5x faster in that layout
+        # (forward and backward, fp32 and bf16; the weights keep theirs) for the same sums to ~1e-6.
+        x = x.contiguous(memory_format=torch.channels_last)
         return self.net._swish(self.net._bn0(self.net._conv_stem(x)))
 
     def _run(self, x: Tensor) -> Tensor:
         x = self._stem(x)
         for block in self.net._blocks[: self.block + 1]:
             x = block(x, drop_connect_rate=None)
-        return x
+        return x.contiguous()
 
     def _grid(self, size: int) -> int:
         for s in self._strides:  # "SAME" padding: every strided conv gives ceil(n / s)
