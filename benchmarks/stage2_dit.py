@@ -13,8 +13,8 @@ The tokenizers, in work shared with benchmarks/stage2_study.py (whose `--stage1-
 - `stage1`: stage 1 alone for P + `--stage2-steps` steps, the same stage-1 length plus the same extra steps
   (the shared stage-1 run lengthened, where P is its last step: its constant lr makes that the same run);
 - `vae`, `vavae`: the one-stage baselines of the same base recipe, also for P + `--stage2-steps` steps;
-  `vavae` with VA-VAE's adaptive VF weight (`VAVAE_VF_WEIGHT` times the gradient-norm ratio at the
-  adapter's last layer).
+  `vavae` with VA-VAE's adaptive VF weight (the recipe's: `VAVAE_VF_WEIGHT` times the gradient-norm
+  ratio at the adapter's last layer).
 
 Every one then gets the same decoder-only refinement, stage 3 as this study proposes it: `--refine-steps`
 steps at `--refine-lr`, exporting an EMA of decay `--refine-ema`; its latent space is checked unchanged. So
@@ -60,7 +60,6 @@ from aligntok.train.tokenizer import stage_dir, train_tokenizer
 from aligntok.train.tokenizer_config import TokenizerTrainConfig
 from decoder_share import decoder_training_steps, longer_decoder
 
-VAVAE_VF_WEIGHT = 0.1  # VA-VAE's base `vf_weight` under its adaptive rule (LightningDiT's VA-VAE config)
 BASELINES = ("stage1", "vae", "vavae")
 
 
@@ -74,10 +73,9 @@ class Refine:
 
 
 def baseline_recipe(name: str, s: st2.Settings, steps: int) -> TokenizerTrainConfig:
-    """`vae` or `vavae` of the study's base recipe, one stage of `steps`; vavae's VF weight adaptive."""
+    """`vae` or `vavae` of the study's base recipe, one stage of `steps` (vavae with VA-VAE's adaptive VF
+    weight, as the recipe has it)."""
     sets = [f"data={s.dataset}", f"stages.0.steps={steps}"]
-    if name == "vavae":
-        sets += ["stages.0.vf_weight_mode=adaptive", f"stages.0.vf_weight={VAVAE_VF_WEIGHT}"]
     return apply_overrides(tokenizer_train_recipe(f"{s.base or rep.BASES[s.dataset]}-{name}"), sets)
 
 

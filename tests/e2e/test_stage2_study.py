@@ -11,6 +11,7 @@ import pytest
 from safetensors.torch import load_file
 
 from aligntok.data.latents import same_latent_space
+from aligntok.recipes.tokenizer import VAVAE_VF_WEIGHT
 from aligntok.train.common import read_log
 from conftest import load_benchmark, make_image_folder
 
@@ -60,7 +61,7 @@ def test_every_variant_gets_the_same_refinement_and_the_ranking_holds_both_measu
     assert read_log(alone / "stage-1" / "log.jsonl")[-1]["step"] == 8
     vavae = json.loads((tmp_path / "out" / "vavae-8" / "config.json").read_text())["stages"][0]
     assert (vavae["steps"], vavae["vf_weight_mode"]) == (8, "adaptive")
-    assert vavae["vf_weight"] == s2d.VAVAE_VF_WEIGHT
+    assert vavae["vf_weight"] == VAVAE_VF_WEIGHT
 
     rows = s2d.ranking(names, ledger, budget)
     assert [r["tokenizer"] for r in rows] == names

@@ -34,8 +34,8 @@ class StageConfig:
     gan_start: int = 0  # stage step at which the discriminator and the GAN term start
     sp_weight: float = 0.0  # w_sp of L_sp (stage 2 only in AlignTok)
     # "l2": the paper's raw MSE; "l2_norm": per channel over the stage-1 latent's variance (scale-free);
-    # "cosine": 1 - cos over channels (aligntok.losses.semantic_preservation_loss). The recipes keep "l2"
-    # until the stage-2 study (issue #31) chooses.
+    # "cosine": 1 - cos over channels (aligntok.losses.semantic_preservation_loss). The CPU recipes use
+    # "l2_norm", the `paper` recipe the published "l2" (docs/training.md).
     sp_kind: Literal["l2", "l2_norm", "cosine"] = "l2"
     kl_weight: float = 0.0  # vanilla VAE baselines: 1e-6
     vf_weight: float = 0.0  # VA-VAE baseline: vision-foundation alignment loss (its base weight if adaptive)
