@@ -94,8 +94,9 @@ def longer_decoder(
 ) -> TokenizerTrainConfig:
     """`cfg` with its decoder trained `decoder_steps` steps in all, the extra ones with nothing else
     training: the last stage lengthened if it trains only the decoder, else a decoder-only stage appended
-    (the last stage's lr and GAN weight, as AlignTok's stage 3); that stage's GAN weight `gan_weight` if
-    given, and any other StageConfig `settings` (e.g. lr, ema_decay). ValueError unless that adds steps."""
+    (the last stage's lr and GAN weight; pass AlignTok stage 3's own lr and EMA in `settings` to match it);
+    that stage's GAN weight `gan_weight` if given, and any other StageConfig `settings` (e.g. lr,
+    ema_decay). ValueError unless that adds steps."""
     now = decoder_training_steps(cfg)
     if decoder_steps <= now:
         raise ValueError(f"--decoder-steps {decoder_steps} adds nothing: the recipe's decoder trains {now}")

@@ -283,7 +283,7 @@ def test_a_longer_decoder_lengthens_a_decoder_only_stage_or_appends_one() -> Non
     vae = share.longer_decoder(rep.tokenizer_recipe("vae", "emoji", budget), 2000)
     assert vae.stages[0] == rep.tokenizer_recipe("vae", "emoji", budget).stages[0]
     added = vae.stages[1]
-    assert (added.train, added.steps, added.lr) == (("decoder",), 800, study.stages[2].lr)
+    assert (added.train, added.steps, added.lr) == (("decoder",), 800, vae.stages[0].lr)  # the last stage's
     assert (added.gan_weight, added.gan_start) == (study.stages[2].gan_weight, study.stages[2].gan_start)
     with pytest.raises(ValueError, match="adds nothing"):
         share.longer_decoder(study, 1200)
