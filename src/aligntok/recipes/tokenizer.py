@@ -20,7 +20,7 @@ from aligntok.train.tokenizer_config import StageConfig, TokenizerTrainConfig
 VAVAE_VF_WEIGHT = 0.1
 # w_sp of the 32 px recipes (scale-free `l2_norm`): the stage-2 study's choice (docs/results.md, "Stage 2
 # in the paper's regime").
-SP_WEIGHT_32PX = 1.0
+SP_WEIGHT_32PX = 0.01
 
 # Architecture of DINOv2 ViT-L/14 as a `transformers` Dinov2Config. The preset asks for pretrained weights
 # but names no folder (they cannot be fetched offline here), so building it as is fails with a message
