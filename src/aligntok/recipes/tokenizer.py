@@ -311,13 +311,11 @@ def tokenizer_train_recipe(name: str) -> TokenizerTrainConfig:
         stages = (
             dataclasses.replace(_aligntok_stages(b, sp_weight=b.sp_weight)[0], steps=sum(b.stage_steps)),
         )
-    elif variant == "vavae":
-        vf_encoder = model.encoder
-        model = _vae_model(model)
-        stages = _one_stage(b, kl_weight=1e-6, vf_weight=VAVAE_VF_WEIGHT, vf_weight_mode="adaptive")
     else:
+        vf_encoder = model.encoder if variant == "vavae" else None
         model = _vae_model(model)
-        stages = _one_stage(b, kl_weight=1e-6)
+        vf = {"vf_weight": VAVAE_VF_WEIGHT, "vf_weight_mode": "adaptive"} if vf_encoder else {}
+        stages = _one_stage(b, kl_weight=1e-6, **vf)
     return TokenizerTrainConfig(
         model=model,
         data=b.data,

@@ -122,7 +122,7 @@ def _lengthened(export: Path, cfg: TokenizerTrainConfig, k: int) -> int | None:
     if recorded is None or not isinstance(done, int) or done >= stage.steps:
         return None
     stages = list(cfg.stages)
-    kept = tuple(k for k in stage.keep_exports if k <= done)  # not an input: only valid ones
+    kept = tuple(step for step in stage.keep_exports if step <= done)  # not an input: only valid ones
     stages[k] = dataclasses.replace(stage, steps=done, keep_exports=kept)
     shorter = stage_inputs(dataclasses.replace(cfg, stages=stages), k)
     return None if differences(_with_defaults(recorded, shorter), shorter) else done
