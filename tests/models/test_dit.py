@@ -6,12 +6,16 @@ import itertools
 
 import pytest
 import torch
+import torch.nn.functional as F
+from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from aligntok.flow import interpolate
 from aligntok.models.dit import DIT_PRESETS, DiT, DiTConfig, dit_preset
 from aligntok.models.layers import (
+    MATH_ATTENTION_MAX_TOKENS,
     RMSNorm,
     apply_rope,
+    attend,
     grid_coords,
     modulate,
     rope_2d_tables,
@@ -121,6 +125,33 @@ def test_rmsnorm_and_modulate():
     assert RMSNorm(16)(x.bfloat16()).dtype == torch.bfloat16
     shift, scale = torch.randn(3, 1, 16), torch.randn(3, 1, 16)
     torch.testing.assert_close(modulate(x, shift, scale), x + x * scale + shift)
+
+
+def _attention_step(kernel: SDPBackend | None, n: int) -> tuple[torch.Tensor, ...]:
+    """The bf16 attention output and q, k, v gradients for n tokens: `attend`'s (kernel None) or PyTorch's
+    SDPA under `kernel`."""
+    g = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(2, 3, n, 16, generator=g).bfloat16().requires_grad_() for _ in range(3))
+    if kernel is None:
+        out = attend(q, k, v)
+    else:
+        with sdpa_kernel(kernel):
+            out = F.scaled_dot_product_attention(q, k, v)
+    out.float().square().sum().backward()
+    return out, q.grad, k.grad, v.grad
+
+
+@pytest.mark.parametrize("n", [MATH_ATTENTION_MAX_TOKENS, MATH_ATTENTION_MAX_TOKENS + 1])
+def test_attention_kernel_choice_keeps_outputs_and_gradients(n):
+    """A short bf16 training step takes the unfused kernel (faster backward on a CPU), a longer one the
+    fused: either way the output and gradients are the fused kernel's, to bf16 rounding."""
+    chosen = _attention_step(None, n)
+    math = SDPBackend.MATH if n <= MATH_ATTENTION_MAX_TOKENS else SDPBackend.FLASH_ATTENTION
+    for got, same_kernel, flash in zip(
+        chosen, _attention_step(math, n), _attention_step(SDPBackend.FLASH_ATTENTION, n), strict=True
+    ):
+        assert torch.equal(got, same_kernel)  # the kernel the policy names is the one that ran
+        torch.testing.assert_close(got.float(), flash.float(), atol=3e-2, rtol=3e-2)
 
 
 def test_swiglu_width_matches_gelu_parameter_budget():
