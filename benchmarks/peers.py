@@ -5,10 +5,12 @@
 
 Rows, each in fp32 and in bf16 autocast, ours and the peer called alternately `--repeats` times after a
 warm-up (drift on a shared machine then hits both alike); a ratio is ours / peer per repeat, min, median, max:
-- `dit_step`: one training step (forward, flow-matching loss, backward, AdamW) of the demo's class DiT (the
-  `emoji` recipe's T/1 on emoji32's 8x8x8 latent: 64 tokens, batch 64) against diffusers'
-  `DiTTransformer2DModel` at the same width, depth, heads, patch and tokens (its own block: LayerNorm, GELU
-  MLP, no RoPE; FLOPs are counted for each);
+- `dit_step`: one training step (forward, flow-matching loss, backward, AdamW) of a class DiT of the demo's
+  size (the `emoji` recipe's T/1 on emoji32's 8x8x8 latent: 64 tokens, batch 64) against diffusers'
+  `DiTTransformer2DModel` at the same width, depth, heads, patch and tokens, ours built from the same parts
+  as the peer (LayerNorm, GELU MLP, absolute positions, no RoPE): the ratio measures the implementation;
+- `lightningdit_step`: the same step of the demo's own DiT (LightningDiT's RMSNorm, SwiGLU and RoPE) against
+  the same peer: what those parts cost (FLOPs are counted for each);
 - `mmdit_step`: the same for `t2i-emoji`'s MMDiT (2 double + 2 single blocks) against
   `SD3Transformer2DModel` with 4 joint blocks (SD3 has no single-stream block), on 32 text tokens of
   MiniLM's width;
@@ -42,6 +44,7 @@ import torch.nn.functional as F
 from torch.utils.flop_counter import FlopCounterMode
 
 from aligntok.files import write_json
+from aligntok.models.dit import DiT, dit_preset
 from aligntok.recipes.dit import dit_train_recipe
 from aligntok.recipes.tokenizer import tokenizer_preset
 from aligntok.train.dit import build_dit, draw_step_noise, flow_matching_loss
@@ -51,6 +54,8 @@ ROOT = Path(__file__).resolve().parents[1]
 LATENT = (8, 8, 8)  # emoji32: 8 channels on an 8x8 grid
 NUM_CLASSES = 9
 BATCH = 64
+# DiT's own parts (Peebles & Xie 2023), as diffusers' DiTTransformer2DModel builds them.
+DIT_PARTS = {"use_rmsnorm": False, "use_swiglu": False, "use_rope": False, "use_abs_pos": True}
 TEXT_LEN, TEXT_DIM = 32, 384  # MiniLM's width; the emoji captions fit in 32 tokens
 SAMPLE_STEPS, GUIDANCE = 30, 3.0
 INCEPTION_BATCH = 16  # 299 px inputs: a batch of 64 takes seconds
@@ -139,9 +144,16 @@ def _spread(values: list[float]) -> dict[str, float]:
 # ---- models at equal configuration -------------------------------------------------------------------
 
 
-def our_dit(text: bool) -> tuple[torch.nn.Module, Any]:
+def our_dit(text: bool, *, plain: bool = False) -> tuple[torch.nn.Module, Any]:
+    """The demo's DiT (the `emoji` recipe's LightningDiT T/1) or the text one; with `plain`, the same size
+    built from DiT's own parts (LayerNorm, GELU MLP, absolute positions only), the peer's architecture."""
     cfg = dit_train_recipe("t2i-emoji" if text else "emoji")
     torch.manual_seed(0)
+    if plain:
+        dit_cfg = dit_preset(
+            cfg.model, in_channels=LATENT[0], input_size=LATENT[1], num_classes=NUM_CLASSES, **DIT_PARTS
+        )
+        return DiT(dit_cfg), cfg
     model = build_dit(cfg, latent_shape=list(LATENT), num_classes=NUM_CLASSES, text_dim=TEXT_DIM)
     return model, cfg
 
@@ -202,9 +214,9 @@ def peer_forward(
     return model(x, timestep=t * 1000, class_labels=cond).sample
 
 
-def step_pair(text: bool, bf16: bool) -> Pair:
+def step_pair(text: bool, bf16: bool, *, plain: bool = False) -> Pair:
     """One training step of ours and of the peer on the same batch."""
-    ours, cfg = our_dit(text)
+    ours, cfg = our_dit(text, plain=plain)
     cfg.bf16 = bf16
     peer = peer_dit(text)
     g = torch.Generator().manual_seed(0)
@@ -323,7 +335,8 @@ def inception_call(bf16: bool) -> Pair:
 
 
 ROWS: dict[str, Callable[[bool], Pair]] = {
-    "dit_step": lambda bf16: step_pair(False, bf16),
+    "dit_step": lambda bf16: step_pair(False, bf16, plain=True),
+    "lightningdit_step": lambda bf16: step_pair(False, bf16),
     "mmdit_step": lambda bf16: step_pair(True, bf16),
     "sample": sample_pair,
     "decode": lambda bf16: autoencoder_pair("decode", bf16),
