@@ -112,10 +112,10 @@ def _finished(export: Path, wanted: dict[str, Any], what: str) -> bool:
 
 def _lengthened(export: Path, cfg: TokenizerTrainConfig, k: int) -> int | None:
     """The steps stage `k`'s finished `export` ran, if it is that stage asked to run longer: made from the
-    same inputs but fewer steps, under a constant lr schedule, where nothing before a step depends on the
-    stage's length (`_export_stage`), so resuming its last checkpoint continues the longer run; else None."""
+    same inputs but fewer steps, of a stage whose steps do not depend on its length
+    (`StageConfig.length_free`), so resuming its last checkpoint continues the longer run; else None."""
     stage = cfg.stages[k]
-    if not _export_done(export) or stage.schedule != "constant":
+    if not _export_done(export) or not stage.length_free:
         return None
     meta = json.loads((export / "config.json").read_text()).get("meta", {})
     done, recorded = meta.get("step"), meta.get("inputs")
@@ -277,9 +277,7 @@ def _train_stage(cfg: TokenizerTrainConfig, stage: StageConfig, *, out: Path) ->
     if last is not None:
         loaded = parts.tensors()
         k = _index(cfg, stage)
-        longer = frozenset(
-            {f"stages.{k}.steps", f"stages.{k}.keep_exports"} if stage.schedule == "constant" else ()
-        )
+        longer = frozenset({f"stages.{k}.steps", f"stages.{k}.keep_exports"} if stage.length_free else ())
         state = load_checkpoint(last, cfg=cfg, tensors=loaded, generator=parts.generator, may_differ=longer)
         step = state["step"]
         if step > stage.steps:
@@ -348,14 +346,13 @@ def _export_stage(cfg: TokenizerTrainConfig, parts: Stage, path: Path, step: int
     """The stage's export at `step` (the EMA weights where it keeps an EMA), with what it was made from. A
     collective under FSDP (the weights are gathered); rank 0 writes.
 
-    Under a constant lr schedule nothing before `step` depends on the stage's length (the data order, the
-    warm-up and the EMA are functions of the step), so an export kept at `step` records the inputs of the
-    same stage `step` steps long: it is that stage's export, and a later stage may start from it."""
+    Of a `length_free` stage an export kept at `step` records the inputs of the same stage `step` steps long:
+    it is that stage's export, and a later stage may start from it."""
     copy = gathered_copy(parts.tokenizer, parts.ema)
     if copy is not None:
         stage, index = parts.config, _index(cfg, parts.config)
         inputs = stage_inputs(cfg, index)
-        if stage.schedule == "constant":
+        if stage.length_free:
             inputs["stages"][index]["steps"] = step
         meta = {"stage": stage.name, "steps": stage.steps, "step": step, "inputs": inputs}
         copy.save_pretrained(path, extra_meta=meta)

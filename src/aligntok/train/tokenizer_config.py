@@ -76,6 +76,13 @@ class StageConfig:
                 "layer, which this stage does not train; add 'adapter' to train or use vf_weight_mode='fixed'"
             )
 
+    @property
+    def length_free(self) -> bool:
+        """Whether nothing before a step depends on the stage's length: under a constant lr schedule the data
+        order, the warm-up and the EMA are functions of the step alone. Then the stage's export at step s is
+        the export of the same stage s steps long, and a finished stage can be lengthened by resuming it."""
+        return self.schedule == "constant"
+
 
 @dataclass(kw_only=True)
 class TokenizerTrainConfig:
