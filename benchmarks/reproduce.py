@@ -228,6 +228,9 @@ def git_commit() -> str | None:
     return head + ("+changes" if dirty else "")
 
 
+EXPORTS = "/exports"  # the key suffix of `Ledger.record_export`'s lists
+
+
 class Ledger:
     """Every number a study has measured, keyed by what it measured: `{key: {"value", "commit", "date",
     "wall_s"}}`. `value(key, compute)` returns the recorded value, or computes, records and `save`s it at
@@ -259,7 +262,9 @@ class Ledger:
         with _folder_lock(self.path.parent):
             if self.path.is_file():
                 for key, entry in json.loads(self.path.read_text()).get("measured", {}).items():
-                    self.measured.setdefault(key, entry)
+                    mine = self.measured.setdefault(key, entry)
+                    if key.endswith(EXPORTS) and mine is not entry:  # both saw the export: every hash
+                        mine["value"] += [d for d in entry["value"] if d not in mine["value"]]
             self._save()
 
     def value(self, key: str, compute: Callable[[], Any]) -> Any:
@@ -279,7 +284,7 @@ class Ledger:
         """Note the tokenizer export `name`'s numbers are measured on. Training is deterministic on one
         machine, so a tokenizer retrained for a later piece is the same one; a second hash under
         `<name>/exports` says it was not (another CPU's kernels), and the report says so."""
-        key = f"{name}/exports"
+        key = f"{name}{EXPORTS}"
         seen = self.measured.setdefault(key, {"value": [], "commit": self.commit})["value"]
         if digest not in seen:
             seen.append(digest)

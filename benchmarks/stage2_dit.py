@@ -42,6 +42,7 @@ import functools
 import hashlib
 import json
 import math
+import re
 import shutil
 from pathlib import Path
 from typing import Any
@@ -123,6 +124,15 @@ def gfid_key(name: str, seed: int, cfg: float) -> str:
     return f"{name}/seed{seed}/cfg{cfg:g}"
 
 
+GFID_KEY = re.compile(r"(?P<name>.+)/seed(?P<seed>\d+)/cfg(?P<cfg>[^/]+)")  # gfid_key's keys
+
+
+def measured_seeds(ledger: rep.Ledger, name: str, cfg: float) -> list[int]:
+    """The DiT seeds of tokenizer `name` whose gFID at guidance `cfg` `ledger` holds (`gfid_key` inverted)."""
+    found = (GFID_KEY.fullmatch(k) for k in ledger.measured)
+    return sorted(int(m["seed"]) for m in found if m and m["name"] == name and m["cfg"] == f"{cfg:g}")
+
+
 def study_variant(
     name: str, s: st2.Settings, refine: Refine, budget: rep.Budget, seeds: int, out: Path, ledger: rep.Ledger
 ) -> None:
@@ -172,11 +182,7 @@ def ranking(names: list[str], ledger: rep.Ledger, budget: rep.Budget) -> list[di
     DiT seeds measured, the DiT's share sqrt(gFID) - sqrt(floor), and the rank under both (1: best)."""
     rows = []
     for name in names:
-        seeds = sorted(
-            int(k.split("/")[1].removeprefix("seed"))
-            for k in ledger.measured
-            if k.startswith(f"{name}/seed") and k.endswith(f"/cfg{budget.cfg:g}")
-        )
+        seeds = measured_seeds(ledger, name, budget.cfg)
         if not seeds or not ledger.has(f"{name}/metrics") or not ledger.has(f"{name}/recon_floor"):
             continue
         gfid = [ledger.get(gfid_key(name, k, budget.cfg)) for k in seeds]

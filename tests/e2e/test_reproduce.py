@@ -243,6 +243,12 @@ def test_two_runs_of_one_study_share_its_record(tmp_path) -> None:
     a.value("a/gfid", lambda: 3.0)
     on_disk = json.loads(path.read_text())["measured"]
     assert {k: v["value"] for k, v in on_disk.items()} == {"a/metrics": 1.0, "b/metrics": 2.0, "a/gfid": 3.0}
+    # An export both measured on: the hashes each saw are kept (a second one says the retrain differed).
+    a.record_export("t", "h1")
+    b.record_export("t", "h2")
+    a.record_export("t", "h1")  # nothing new for a: no save
+    b.save()
+    assert json.loads(path.read_text())["measured"]["t/exports"]["value"] == ["h2", "h1"]
     assert not rep.open_ledger(path, "fp", fresh=True, save=lambda: None, commit=None).measured
     assert not path.exists()  # --fresh: the old numbers cannot come back in through a merge
 
