@@ -163,11 +163,14 @@ class VFLoss(nn.Module):
         self.encoder.eval()  # frozen target network: no dropout, no statistics updates
         return self
 
-    def forward(self, z: Tensor, images: Tensor) -> tuple[Tensor, Tensor]:
-        """(L_mcos, L_mdms) for latents z (B, C, h, w) of images (B, 3, H, W) in [0, 1]."""
+    def forward(self, z: Tensor, images: Tensor, target: Tensor | None = None) -> tuple[Tensor, Tensor]:
+        """(L_mcos, L_mdms) for latents z (B, C, h, w) of images (B, 3, H, W) in [0, 1]; `target`: the
+        frozen encoder's features of these images (B, D, h_f, w_f) where already computed."""
         m1, m2 = self.margins
-        with torch.no_grad():
-            f = self.encoder.features(images)  # (B, D, h_f, w_f)
+        f = target
+        if f is None:
+            with torch.no_grad():
+                f = self.encoder.features(images)  # (B, D, h_f, w_f)
         if f.shape[-2:] != z.shape[-2:]:
             f = F.adaptive_avg_pool2d(f, z.shape[-2:])  # foundation grid onto the latent grid
         zp = F.normalize(self.projection(z).flatten(2), dim=1)  # (B, D, N), unit vectors per position

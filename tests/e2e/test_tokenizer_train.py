@@ -213,6 +213,54 @@ def test_l2_norm_stage_trains_and_keeps_exports(tmp_path, run: Path, image_folde
     assert not (reuse / "log.jsonl").exists()
 
 
+def _stage_parts(cfg: TokenizerTrainConfig, index: int, run: Path) -> tok_train.Stage:
+    """Stage `index` of `cfg` built on the `run` fixture's exports (stage 2 and 3 start from them)."""
+    start = (
+        Tokenizer(cfg.model) if index == 0 else Tokenizer.from_pretrained(run / f"stage-{index}" / "export")
+    )
+    reference = lambda: Tokenizer.from_pretrained(run / "stage-1" / "export")  # noqa: E731
+    return tok_train.build_stage(cfg, cfg.stages[index], lambda: start, reference)
+
+
+@pytest.mark.parametrize(("index", "kept"), [(0, {"features"}), (1, {"z_ref"}), (2, {"adapter"})])
+def test_frozen_outputs_are_kept_once_and_give_the_losses_of_computing_them(
+    run: Path, image_folder, index: int, kept: set[str]
+) -> None:
+    """Stage 1 keeps its frozen encoder's features, stage 2 the L_sp reference's z_ref, stage 3 its frozen
+    encoder + adapter's latent; the losses are the ones computed from the images."""
+    cfg = apply_overrides(tokenizer_train_recipe("debug"), [f"data={image_folder}", "bf16=false"])
+    ds = build_dataset(image_folder, split="train", resolution=cfg.model.image_size)
+    parts = _stage_parts(cfg, index, run)
+    tok_train.keep_frozen_outputs(parts, cfg, images_read=len(ds) - 1)  # reads fewer images than it holds
+    assert parts.frozen == {}
+    tok_train.keep_frozen_outputs(parts, cfg, images_read=len(ds))
+    assert set(parts.frozen) == kept and all(len(v.values) == len(ds) for v in parts.frozen.values())
+    index_ = torch.tensor([5, 0, 11, 3])
+    batch = {"image": torch.stack([ds[i]["image"] for i in index_.tolist()]), "index": index_}
+    noise = tok_train.posterior_noise(parts, cfg)
+    kw = {"gan_on": False}
+    total, recon, _ = tok_train.stage_losses(
+        parts, cfg, batch["image"], noise, frozen=parts.frozen_batch(batch), **kw
+    )
+    again, recon_again, _ = tok_train.stage_losses(parts, cfg, batch["image"], noise, **kw)
+    torch.testing.assert_close(recon, recon_again, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(total, again, atol=1e-5, rtol=1e-5)
+
+
+def test_frozen_vf_targets_give_the_vf_terms_of_computing_them(image_folder) -> None:
+    cfg = apply_overrides(tokenizer_train_recipe("debug-vavae"), [f"data={image_folder}", "bf16=false"])
+    parts = tok_train.build_stage(cfg, cfg.stages[0], lambda: Tokenizer(cfg.model), lambda: None)
+    tok_train.keep_frozen_outputs(parts, cfg, images_read=10**6)
+    assert set(parts.frozen) == {"vf"}  # the baseline's encoder trains: only the VF target is frozen
+    ds = build_dataset(image_folder, split="train", resolution=cfg.model.image_size)
+    batch = {"image": torch.stack([ds[i]["image"] for i in (7, 2)]), "index": torch.tensor([7, 2])}
+    noise = tok_train.posterior_noise(parts, cfg)[:2]
+    kept = parts.autoencoder(batch["image"], noise, parts.frozen_batch(batch))
+    computed = parts.autoencoder(batch["image"], noise)
+    for term in ("vf_cos", "vf_dm"):
+        torch.testing.assert_close(kept[term], computed[term], atol=1e-5, rtol=1e-5)
+
+
 def _weights(export: Path) -> dict[str, torch.Tensor]:
     return Tokenizer.from_pretrained(export).state_dict()
 

@@ -186,7 +186,12 @@ class Tokenizer(nn.Module):
                 "encode_posterior needs a tokenizer with posterior='gaussian'; this one is deterministic "
                 "(use encode)"
             )
-        mean, logvar = self.adapter(self.features(images)).chunk(2, dim=1)
+        return self.posterior(self.adapter(self.features(images)))
+
+    @staticmethod
+    def posterior(raw: Tensor) -> tuple[Tensor, Tensor]:
+        """(mean, logvar) of a Gaussian posterior from its adapter's output (B, 2C, h, w); logvar clamped."""
+        mean, logvar = raw.chunk(2, dim=1)
         return mean.contiguous(), logvar.clamp(*LOGVAR_RANGE).contiguous()
 
     def decode(self, z: Tensor) -> Tensor:

@@ -53,6 +53,7 @@ from aligntok.train.tokenizer_stage import (
     channel_moments,
     discriminator_step,
     gathered_copy,
+    keep_frozen_outputs,
     optimizer_step,
     posterior_noise,
     stage_losses,
@@ -289,6 +290,7 @@ def _train_stage(cfg: TokenizerTrainConfig, stage: StageConfig, *, out: Path) ->
         distributed.print0(f"stage {stage.name}: resumed at step {step} ({last})")
     elif parts.disc is not None:
         _carry_discriminator(cfg, stage, out, parts.disc)
+    keep_frozen_outputs(parts, cfg, images_read=(stage.steps - step) * cfg.batch_size)
     loader = _stage_loader(cfg, stage, step)
     val_images = _validation_batch(cfg).to(world.device) if world.is_main else None
     log = JsonlLog(sdir / "log.jsonl")
@@ -306,7 +308,8 @@ def _train_stage(cfg: TokenizerTrainConfig, stage: StageConfig, *, out: Path) ->
                 step, warmup=stage.warmup_steps, total=stage.steps, schedule=stage.schedule
             )
         gan_on = parts.disc is not None and step >= stage.gan_start
-        total, recon, losses = stage_losses(parts, cfg, images, noise, gan_on=gan_on)
+        frozen = parts.frozen_batch(batch)
+        total, recon, losses = stage_losses(parts, cfg, images, noise, gan_on=gan_on, frozen=frozen)
         loss_value, grad_norm, skipped = optimizer_step(
             parts, cfg, guard, total, step=step, ckpt_dir=ckpt_dir
         )

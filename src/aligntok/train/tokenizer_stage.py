@@ -7,7 +7,7 @@ data."""
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -33,8 +33,9 @@ from aligntok.metrics.reconstruction import psnr
 from aligntok.models.discriminator import PatchDiscriminator
 from aligntok.models.encoders import build_encoder
 from aligntok.models.tokenizer import Tokenizer
-from aligntok.parallelize import full_grad_norm, full_state, parallelize
+from aligntok.parallelize import full_grad_norm, full_state, parallelize, resolve_mode
 from aligntok.train.common import EMA, SpikeGuard, last_good, seed_everything
+from aligntok.train.frozen import FrozenOutputs, compute_frozen, worth_caching
 from aligntok.train.tokenizer_config import GROUPS, StageConfig, TokenizerTrainConfig
 
 
@@ -48,17 +49,27 @@ class Autoencoder(nn.Module):
         self.tokenizer = tokenizer
         self.vf = vf
 
-    def forward(self, images: Tensor, noise: Tensor | None) -> dict[str, Tensor]:
+    def forward(
+        self, images: Tensor, noise: Tensor | None, frozen: dict[str, Tensor] | None = None
+    ) -> dict[str, Tensor]:
+        """`frozen`: this batch's `Stage.frozen` outputs, where kept ("features" of a frozen encoder,
+        "adapter" of a frozen encoder + adapter, "vf" the VF target); the rest is computed here."""
+        frozen = frozen or {}
+        tok = self.tokenizer
+        raw = frozen.get("adapter")
+        if raw is None:
+            feats = frozen["features"] if "features" in frozen else tok.features(images)
+            raw = tok.adapter(feats)
         out: dict[str, Tensor] = {}
-        if self.tokenizer.config.posterior == "gaussian":
-            mean, logvar = self.tokenizer.encode_posterior(images)
+        if tok.config.posterior == "gaussian":
+            mean, logvar = tok.posterior(raw)
             z = mean + noise * (0.5 * logvar).exp()
             out["mean"], out["logvar"] = mean, logvar
         else:
-            z = self.tokenizer.encode(images)
-        out["z"], out["recon"] = z, self.tokenizer.decode(z)
+            z = raw
+        out["z"], out["recon"] = z, tok.decode(z)
         if self.vf is not None:
-            out["vf_cos"], out["vf_dm"] = self.vf(z.float(), images)
+            out["vf_cos"], out["vf_dm"] = self.vf(z.float(), images, frozen.get("vf"))
         return out
 
 
@@ -82,6 +93,11 @@ class Stage:
     reference: Tokenizer | None  # the frozen stage-1 tokenizer of L_sp
     generator: torch.Generator  # the same on every rank (see `_posterior_noise`)
     sp_variance: Tensor | None = None  # (C,) per-channel variance of the reference latents ("l2_norm")
+    frozen: dict[str, FrozenOutputs] = field(default_factory=dict)  # `keep_frozen_outputs`
+
+    def frozen_batch(self, batch: dict[str, Tensor]) -> dict[str, Tensor]:
+        """The kept frozen outputs of a training batch's items (by their dataset `index`)."""
+        return {name: values[batch["index"]] for name, values in self.frozen.items()}
 
     def tensors(self) -> dict[str, dict]:
         """What a checkpoint of this stage holds."""
@@ -147,6 +163,35 @@ def build_stage(
     return parts
 
 
+def keep_frozen_outputs(parts: Stage, cfg: TokenizerTrainConfig, images_read: int) -> None:
+    """Compute once what this stage's frozen networks output for every training image (`aligntok.train.
+    frozen`: where it pays and fits) and keep it in `parts.frozen`: the frozen front of the encode path
+    (the encoder's features in stage 1; encoder + adapter in stage 3), the L_sp reference's z_ref, the VF
+    loss's target features. Call it with the stage's weights final (after a resume has loaded them)."""
+    stage, tok, world = parts.config, parts.tokenizer, distributed.world()
+    dataset = build_dataset(cfg.data, split="train", resolution=cfg.model.image_size)
+    mode = resolve_mode(cfg.parallel.mode, world.world_size, process_group=torch.distributed.is_initialized())
+    if not worth_caching(dataset, images_read, sharded=mode == "fsdp"):
+        return
+    fns: dict[str, Callable[[Tensor], Tensor]] = {}
+    if "encoder" not in stage.train:
+        if "adapter" in stage.train:
+            fns["features"] = tok.features
+        else:
+            fns["adapter"] = lambda images: tok.adapter(tok.features(images))
+    if parts.autoencoder.vf is not None:
+        fns["vf"] = parts.autoencoder.vf.encoder.features
+    if parts.reference is not None:
+        fns["z_ref"] = parts.reference.encode
+    training = tok.training
+    tok.eval()
+    for name, fn in fns.items():
+        values = compute_frozen(fn, dataset, bf16=cfg.bf16, desc=f"stage {stage.name}: frozen {name}")
+        if values is not None:
+            parts.frozen[name] = values
+    tok.train(training)
+
+
 def posterior_noise(parts: Stage, cfg: TokenizerTrainConfig) -> Tensor | None:
     """This rank's slice of the global batch's posterior noise (VAE baselines), None for AlignTok's
     deterministic latent. Every rank draws the whole batch from the shared generator and keeps its slice, so
@@ -161,13 +206,21 @@ def posterior_noise(parts: Stage, cfg: TokenizerTrainConfig) -> Tensor | None:
 
 
 def stage_losses(
-    parts: Stage, cfg: TokenizerTrainConfig, images: Tensor, noise: Tensor | None, *, gan_on: bool
+    parts: Stage,
+    cfg: TokenizerTrainConfig,
+    images: Tensor,
+    noise: Tensor | None,
+    *,
+    gan_on: bool,
+    frozen: dict[str, Tensor] | None = None,
 ) -> tuple[Tensor, Tensor, dict[str, Tensor]]:
-    """The generator's total loss, the reconstruction (its GAN-free part) and every term on its own."""
+    """The generator's total loss, the reconstruction (its GAN-free part) and every term on its own;
+    `frozen`: the batch's kept frozen outputs (`Stage.frozen_batch`)."""
     stage = parts.config
+    frozen = frozen or {}
     losses: dict[str, Tensor] = {}
     with distributed.autocast(cfg.bf16):
-        outputs = parts.train_ae(images, noise)
+        outputs = parts.train_ae(images, noise, {k: v for k, v in frozen.items() if k != "z_ref"})
         z, recon = outputs["z"], outputs["recon"]
         if stage.kl_weight > 0:
             # Per image pixel value: LDM's KL weight (1e-6) is relative to a reconstruction loss SUMMED over
@@ -178,8 +231,10 @@ def stage_losses(
         if parts.perceptual is not None:
             losses["lpips"] = parts.perceptual(recon.float(), images)
         if parts.reference is not None:
-            with torch.no_grad():
-                z_ref = parts.reference.encode(images)
+            z_ref = frozen.get("z_ref")
+            if z_ref is None:
+                with torch.no_grad():
+                    z_ref = parts.reference.encode(images)
             losses["sp"] = semantic_preservation_loss(
                 z.float(), z_ref.float(), kind=stage.sp_kind, variance=parts.sp_variance
             )
