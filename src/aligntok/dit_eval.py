@@ -25,6 +25,9 @@ from aligntok.evaluate import fid_floor, generation_fid
 from aligntok.exports import load_dit
 from aligntok.files import cached_json, write_json
 from aligntok.metrics.adherence import (
+    CATEGORY_BF16,
+    CATEGORY_INPUT_SIZE,
+    FEATURE_INPUT_SIZE,
     CategoryClassifier,
     ContrastiveAdherence,
     RealImages,
@@ -54,15 +57,19 @@ def _resolution(dit_dir: str | Path) -> int:
 
 
 @functools.lru_cache(maxsize=2)
-def _train_set(data: str, resolution: int) -> tuple[RealImages, torch.Tensor]:
-    """The real training images of `data` and their adherence features, computed once per process: both
-    adherence models fit on them (the features are most of a fit's time)."""
-    real = real_images(data, split="train", resolution=resolution)
-    return real, image_features(real.images)
+def _train_images(data: str, resolution: int) -> RealImages:
+    """The real training images of `data`, read once per process: both adherence models fit on them."""
+    return real_images(data, split="train", resolution=resolution)
+
+
+@functools.lru_cache(maxsize=2)
+def _train_features(data: str, resolution: int, input_size: int, bf16: bool) -> torch.Tensor:
+    """Their adherence features (most of a fit's time), computed once per process and setting."""
+    return image_features(_train_images(data, resolution).images, input_size=input_size, bf16=bf16)
 
 
 def _classifier(data: str | Path, resolution: int) -> CategoryClassifier:
-    features = lambda: _train_set(str(data), resolution)[1]  # noqa: E731
+    features = lambda: _train_features(str(data), resolution, CATEGORY_INPUT_SIZE, CATEGORY_BF16)  # noqa: E731
     return category_classifier(data, resolution, cache_dir=adherence_dir(), features=features)
 
 
@@ -89,7 +96,8 @@ def contrastive_model(data: str | Path, resolution: int) -> ContrastiveAdherence
         model = ContrastiveAdherence.load(target)
         if model.record.get("data") == what:
             return model
-    real, feats = _train_set(str(data), resolution)
+    real = _train_images(str(data), resolution)
+    feats = _train_features(str(data), resolution, FEATURE_INPUT_SIZE, False)
     unique, ids = _caption_ids(real.captions)
     model = fit_contrastive(feats, _prompt_features(unique)[ids], ids, data=what, **CONTRASTIVE)
     with assets.atomic_dir(target) as tmp:

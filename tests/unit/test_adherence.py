@@ -86,31 +86,38 @@ def test_classifier_save_load_round_trip(tmp_path) -> None:
         CategoryClassifier.load(tmp_path / "missing")
 
 
-def test_category_classifier_cache_fits_once_and_refits_for_other_encoder_weights(
+def test_category_classifier_cache_fits_once_and_refits_for_other_encoder_weights_or_precision(
     tmp_path, monkeypatch
 ) -> None:
     xa, ya = _clusters(200, seed=0)
     calls = []
     extractor = {"name": "stub", "input_size": 64, "weights_sha256": "a"}
 
-    def fit(dataset, *, resolution, seed, num, input_size, features):
-        calls.append((dataset, resolution, seed, num, input_size))
+    def fit(dataset, *, resolution, seed, num, input_size, bf16, features):
+        calls.append((dataset, resolution, seed, num, input_size, bf16))
         return CategoryClassifier(
             probe=fit_linear_probe(xa, ya, num_classes=K),
             classes=CLASSES,
-            record={"dataset": dataset, "feature_extractor": dict(extractor)},
+            record={"dataset": dataset, "feature_extractor": dict(extractor), "bf16": bf16},
         )
 
     monkeypatch.setattr(adherence, "fit_category_classifier", fit)
     monkeypatch.setattr(adherence, "feature_extractor", lambda input_size: dict(extractor))
     first = adherence.category_classifier("emoji", 32, cache_dir=tmp_path, input_size=64)
     second = adherence.category_classifier("emoji", 32, cache_dir=tmp_path, input_size=64)
-    assert calls == [("emoji", 32, 0, None, 64)]  # the second call read the cache
+    assert calls == [("emoji", 32, 0, None, 64, adherence.CATEGORY_BF16)]  # the second call read the cache
     assert torch.equal(first.predict_features(xa), second.predict_features(xa))
+    assert first.bf16 == adherence.CATEGORY_BF16  # and scores in the precision it was fitted in
     assert [p.name for p in tmp_path.iterdir()] == ["category-emoji-32px-in64-seed0"]  # no temporary left
     extractor["weights_sha256"] = "b"  # other encoder weights: the cached classifier is stale
     adherence.category_classifier("emoji", 32, cache_dir=tmp_path, input_size=64)
     assert len(calls) == 2
+    other = not adherence.CATEGORY_BF16  # features of the other precision: fitted again
+    assert (
+        adherence.category_classifier("emoji", 32, cache_dir=tmp_path, input_size=64, bf16=other).bf16
+        == other
+    )
+    assert len(calls) == 3
 
 
 def test_retrieval_ranks_by_hand() -> None:

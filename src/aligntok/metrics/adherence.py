@@ -10,14 +10,15 @@ heads on frozen ImageNet features, trained on a dataset's real TRAINING images:
   InfoNCE loss. Text features are a plain (N, D) tensor: this module does not depend on a text encoder.
 
 Image features (`image_features`): EfficientNet-Lite0's pooled final features (1280-d: head conv, BN, swish,
-global average pool; the input of its ImageNet classifier), images enlarged to FEATURE_INPUT_SIZE first.
+global average pool; the input of its ImageNet classifier), images enlarged first: to CATEGORY_INPUT_SIZE
+under bf16 for the classifier, to FEATURE_INPUT_SIZE in fp32 for the contrastive model.
 Float images are rounded to uint8 as samples are saved (`files.to_uint8`), so in-memory samples and their
 PNGs score the same.
 
 Measured on emoji at 32 px (real val images: the ceiling a generator can reach):
 - category classifier (fitted on the 6692 train images): val accuracy 87.2%, balanced 63.4% (9 classes; the
-  val emoji are names absent from train). Chance: labels shuffled 48.0% / 11.3% balanced, blank images
-  4.8% / 11.1%.
+  val emoji are names absent from train) at 224 px fp32; 86.4%, 64.6% at 128 px bf16. Chance: labels
+  shuffled 48.0% / 11.3% balanced, blank images 4.8% / 11.1%.
 - contrastive model (all-MiniLM-L6-v2 masked-mean caption features; steps=500, lr=1e-3, batch_size=256,
   chosen on a group-disjoint part of train): each val image's caption among the 435 unique val captions,
   top-1 34.4%, top-5 61.6%, mean rank 28.5. Shuffled images: 0.1%, 1.6%, 213.5 (chance 0.23%, 1.15%, 218).
@@ -56,6 +57,12 @@ FEATURE_DIM = 1280
 # 69.6%, the contrastive model's top-1 among held-out captions 21.5 / 25.0 / 26.0 / 28.5 / 31.0%; 224 beat
 # 160 on every fold in both. The cost grows with the pixels: 224 px is about 5x the time of 96 px.
 FEATURE_INPUT_SIZE = 224
+# The category classifier's features: 128 px under bf16 autocast. On the emoji val images (classifier fitted
+# on the 6,692 train images) 224 px fp32 scored 87.2% / 63.4% balanced, 128 px bf16 86.4% / 64.6%, in a sixth
+# of the time or less (benchmarks/adherence_cost.py, docs/metrics.md "Adherence"): on 2 cores the 224 px
+# features cost a fresh demo minutes. The contrastive model keeps 224 px, where 128 lost 5 points.
+CATEGORY_INPUT_SIZE = 128
+CATEGORY_BF16 = True
 WEIGHTS_NAME = "model.safetensors"
 RECORD_NAME = "record.json"
 MAX_LOG_SCALE = math.log(100.0)  # CLIP clips the logit scale (1 / temperature) at 100
@@ -235,8 +242,14 @@ class CategoryClassifier:
     def input_size(self) -> int:
         return int(self.record.get("feature_extractor", {}).get("input_size", FEATURE_INPUT_SIZE))
 
+    @property
+    def bf16(self) -> bool:
+        return bool(self.record.get("bf16", False))
+
     def features(self, images: Tensor | np.ndarray, **kwargs: Any) -> Tensor:
-        """`image_features` at the input size this classifier was fitted with (keywords passed on)."""
+        """`image_features` at the input size and precision this classifier was fitted with (keywords passed
+        on; `bf16` may override the precision)."""
+        kwargs.setdefault("bf16", self.bf16)
         return image_features(images, input_size=self.input_size, **kwargs)
 
     @torch.no_grad()
@@ -289,9 +302,9 @@ def fit_category_classifier(
     resolution: int,
     seed: int = 0,
     num: int | None = None,
-    input_size: int = FEATURE_INPUT_SIZE,
+    input_size: int = CATEGORY_INPUT_SIZE,
     batch_size: int = 256,
-    bf16: bool = False,
+    bf16: bool = CATEGORY_BF16,
     features: Tensor | None = None,
 ) -> CategoryClassifier:
     """Fit the category classifier on `dataset`'s real training images at `resolution` (all, or a random
@@ -332,21 +345,24 @@ def category_classifier(
     cache_dir: str | Path,
     seed: int = 0,
     num: int | None = None,
-    input_size: int = FEATURE_INPUT_SIZE,
+    input_size: int = CATEGORY_INPUT_SIZE,
+    bf16: bool = CATEGORY_BF16,
     features: Callable[[], Tensor] | None = None,
 ) -> CategoryClassifier:
     """The category classifier of (dataset, resolution) from `cache_dir`, or fitted and saved there
-    (atomically) when absent or made with other encoder weights."""
+    (atomically) when absent or made with other encoder weights or precision. `features()`, called only for
+    a fit, gives the training images' `image_features` at `input_size` and `bf16`."""
     target = Path(cache_dir) / _cache_name(dataset, resolution, seed, num, input_size)
     if (target / RECORD_NAME).is_file():
         try:
             clf = CategoryClassifier.load(target)
         except ValueError:
             clf = None  # damaged: fitted again below
-        if clf is not None and clf.record.get("feature_extractor") == feature_extractor(input_size):
+        same = clf is not None and clf.record.get("feature_extractor") == feature_extractor(input_size)
+        if same and clf.bf16 == bf16:
             return clf
     feats = features() if features is not None else None  # called only when a fit is needed
-    kw = {"seed": seed, "num": num, "input_size": input_size, "features": feats}
+    kw = {"seed": seed, "num": num, "input_size": input_size, "bf16": bf16, "features": feats}
     clf = fit_category_classifier(dataset, resolution=resolution, **kw)
     with assets.atomic_dir(target) as tmp:
         clf.save(tmp)
@@ -582,6 +598,8 @@ def fit_contrastive(
 
 
 __all__ = [
+    "CATEGORY_BF16",
+    "CATEGORY_INPUT_SIZE",
     "FEATURE_DIM",
     "FEATURE_ENCODER",
     "FEATURE_INPUT_SIZE",
