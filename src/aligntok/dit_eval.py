@@ -29,14 +29,13 @@ from aligntok.metrics.adherence import (
     CATEGORY_INPUT_SIZE,
     FEATURE_INPUT_SIZE,
     CategoryClassifier,
-    ContrastiveAdherence,
     RealImages,
     category_classifier,
     feature_extractor,
-    fit_contrastive,
     image_features,
     real_images,
 )
+from aligntok.metrics.contrastive import ContrastiveAdherence, fit_contrastive
 from aligntok.metrics.reference import npz_images
 from aligntok.models.text import MINILM, build_text_encoder
 from aligntok.sampling import SampleConfig

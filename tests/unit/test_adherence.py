@@ -14,12 +14,11 @@ import torch.nn.functional as F
 from aligntok import assets
 from aligntok.data import is_prepared
 from aligntok.metrics import adherence
-from aligntok.metrics.adherence import (
-    CategoryClassifier,
+from aligntok.metrics.adherence import CategoryClassifier, image_features
+from aligntok.metrics.contrastive import (
     ContrastiveAdherence,
     contrastive_loss,
     fit_contrastive,
-    image_features,
     retrieval_ranks,
     retrieval_scores,
 )
