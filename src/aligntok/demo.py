@@ -122,7 +122,7 @@ PRESETS: dict[str, DemoPreset] = {
 PRESETS["t2i-debug"] = dataclasses.replace(PRESETS["debug"], dit_recipe="t2i-debug", cfg_scale=3.0, text=True)
 
 
-def _overrides(p: DemoPreset) -> tuple[list[str], list[str]]:
+def recipe_overrides(p: DemoPreset) -> tuple[list[str], list[str]]:
     """The `--set` lists of the tokenizer and DiT recipes (also printed as the commands to reproduce)."""
     # The tokenizer trains on the demo's data (the recipes' own is emoji, the default demo's too).
     tok = [f"data={p.data}", *(f"stages.{i}.steps={n}" for i, n in enumerate(p.stage_steps))]
@@ -132,7 +132,7 @@ def _overrides(p: DemoPreset) -> tuple[list[str], list[str]]:
 
 def commands(p: DemoPreset, out: Path) -> list[str]:
     """The CLI commands that reproduce the demo's steps one by one (shown in the report)."""
-    tok_set, dit_set = _overrides(p)
+    tok_set, dit_set = recipe_overrides(p)
     sets = lambda items: " ".join(f"--set {shlex.quote(s)}" for s in items)  # noqa: E731
     bf16 = " --bf16" if p.bf16 else ""
     tok = f"{out}/tokenizer/export"
@@ -185,7 +185,7 @@ def _run(p: DemoPreset, preset: str, out: Path) -> Path:
     report = out / "report"
     _check_same_preset(out / "demo.json", {"preset": preset, **asdict(p)})
     steps = _Steps(8, report / "timings.json")
-    tok_set, dit_set = _overrides(p)
+    tok_set, dit_set = recipe_overrides(p)
     tok_cfg = apply_overrides(tokenizer_train_recipe(p.tokenizer_recipe), tok_set)
     dit_cfg = apply_overrides(dit_train_recipe(p.dit_recipe), dit_set)
 

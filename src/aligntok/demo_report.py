@@ -129,6 +129,11 @@ def _adherence_cell(adherence: dict[str, Any], ceiling: dict[str, Any], name: st
     return f"{got:.0%} ({got / real:.0%} of real)"
 
 
+def recognisable(per_class: dict[str, float], ceiling: dict[str, float]) -> list[str]:
+    """The classes whose adherence reaches ADHERENCE_GOAL of their (non-zero) real-image ceiling."""
+    return [c for c, v in per_class.items() if ceiling.get(c) and v >= ADHERENCE_GOAL * ceiling[c]]
+
+
 def _adherence_rows(
     gfid: dict[str, dict[str, Any]], adherence: dict[str, Any], ceiling: dict[str, Any]
 ) -> list[list[object]]:
@@ -137,7 +142,7 @@ def _adherence_rows(
     rows: list[list[object]] = []
     for key, g in gfid.items():
         per, real = adherence[key]["category_per_class"], ceiling["category_per_class"]
-        met = sum(1 for c, v in per.items() if real.get(c) and v >= ADHERENCE_GOAL * real[c])
+        met = len(recognisable(per, real))
         how = f"{met} of {len(per)} classes at >= {ADHERENCE_GOAL:.0%} of the real images'"
         rows.append(
             [f"class adherence (balanced), {_guidance(g)}", _fmt(adherence[key]["category_balanced"]), how]
