@@ -15,6 +15,7 @@ from aligntok.data import build_dataset
 from aligntok.models.encoders import build_encoder
 from aligntok.models.tokenizer import Tokenizer
 from aligntok.recipes.tokenizer import tokenizer_train_recipe, tokenizer_train_recipes
+from aligntok.train import frozen
 from aligntok.train import tokenizer_stage as tok_train
 from aligntok.train.common import read_log
 from aligntok.train.tokenizer import kept_stage_export, train_tokenizer
@@ -96,7 +97,9 @@ def test_final_export_carries_latent_statistics(run: Path) -> None:
 
 @pytest.mark.slow
 def test_interrupted_run_resumes_bit_identical(tmp_path, image_folder, monkeypatch, run) -> None:
+    """... also with frozen outputs kept (`run` computed them per step: the same values, fp32 on a CPU)."""
     cfg = apply_overrides(tokenizer_train_recipe("debug"), [f"data={image_folder}"])
+    monkeypatch.setattr(frozen, "READS_TO_PAY", 1)  # every stage keeps what is frozen
     calls = {"n": 0}
     real = tok_train.semantic_preservation_loss
 
@@ -231,9 +234,10 @@ def test_frozen_outputs_are_kept_once_and_give_the_losses_of_computing_them(
     cfg = apply_overrides(tokenizer_train_recipe("debug"), [f"data={image_folder}", "bf16=false"])
     ds = build_dataset(image_folder, split="train", resolution=cfg.model.image_size)
     parts = _stage_parts(cfg, index, run)
-    tok_train.keep_frozen_outputs(parts, cfg, images_read=len(ds) - 1)  # reads fewer images than it holds
+    reads = frozen.READS_TO_PAY * len(ds)
+    tok_train.keep_frozen_outputs(parts, cfg, images_read=reads - 1)  # reads the split too few times
     assert parts.frozen == {}
-    tok_train.keep_frozen_outputs(parts, cfg, images_read=len(ds))
+    tok_train.keep_frozen_outputs(parts, cfg, images_read=reads)
     assert set(parts.frozen) == kept and all(len(v.values) == len(ds) for v in parts.frozen.values())
     index_ = torch.tensor([5, 0, 11, 3])
     batch = {"image": torch.stack([ds[i]["image"] for i in index_.tolist()]), "index": index_}

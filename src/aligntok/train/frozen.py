@@ -7,7 +7,9 @@ On a dataset with random access these outputs are computed once for the whole tr
 batches in index order (so a fresh run and a resumed one get the same values), kept on the training device,
 and looked up by the batch's `index`. Kept only where that pays and fits:
 
-- the stage reads at least as many images as the split has (else computing per step is cheaper);
+- the stage reads the split at least READS_TO_PAY times over: on emoji32 at one thread the single pass
+  paid for itself after 355 / 250 / 226 steps of stages 1 / 2 / 3 (1.7 / 1.2 / 1.1 reads of the split;
+  benchmarks/frozen_outputs.py), the pass being slower per image than the steps it saves;
 - all of it fits in `MAX_BYTES` (emoji's stage-1 features at 32 px: 96 MB in bf16);
 - not under FSDP2, whose sharded parameters only exist inside the wrapped forward;
 - not for streamed shard folders, which have no random access.
@@ -29,6 +31,7 @@ from aligntok import distributed
 from aligntok.data.shards import ShardDataset
 
 MAX_BYTES = 2 * 2**30
+READS_TO_PAY = 2
 BATCH = 64
 
 
@@ -51,7 +54,7 @@ def worth_caching(dataset: Dataset, images_read: int, *, sharded: bool) -> bool:
     size check, which needs one batch computed)."""
     if sharded or isinstance(dataset, (ShardDataset, torch.utils.data.IterableDataset)):
         return False
-    return images_read >= len(dataset)
+    return images_read >= READS_TO_PAY * len(dataset)
 
 
 @torch.no_grad()
