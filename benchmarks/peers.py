@@ -20,7 +20,8 @@ warm-up (drift on a shared machine then hits both alike); a ratio is ours / peer
   res blocks, attention at 8x8, 8 latent channels) and its mirrored CNN encoder, batch 64 at 32 px;
 - `inception`: FID Inception features, images/s (ours only: diffusers has none).
 FLOPs of one call are counted by torch.utils.flop_counter; this CPU's matmul throughput is measured in the
-same run (a 1024^3 GEMM, fp32 and bf16) and each row reports its FLOP rate as a fraction of it. Peak memory:
+same run (a 1024^3 GEMM, fp32 and bf16) and each row reports its FLOP rate as a fraction of it; the GEMMs
+of the DiT step's own shapes are timed too, the most its matmuls can reach here. Peak memory:
 the process's resident high-water mark (Linux VmHWM, reset before each measurement) above the baseline.
 Writes JSON (default benchmarks/results/peers-cpu.json) and prints a table.
 """
@@ -112,6 +113,19 @@ def matmul_peak(bf16: bool, n: int = 1024, repeats: int = 20) -> float:
         a @ b
     best = min(_seconds(lambda: a @ b) for _ in range(repeats))
     return 2 * n**3 / best
+
+
+def step_gemm_rate(bf16: bool, repeats: int = 10) -> float:
+    """FLOP/s of the DiT step's own GEMMs (the `dit_step` row's linear layers on BATCH x 64 tokens: qkv,
+    projection, MLP in and out, forward shapes), the ceiling its matmuls can reach on this CPU."""
+    dtype = torch.bfloat16 if bf16 else torch.float32
+    m, width = BATCH * LATENT[1] * LATENT[2], 256
+    shapes = [(width, 3 * width), (width, width), (width, 4 * width), (4 * width, width)]
+    pairs = [(torch.randn(m, k, dtype=dtype), torch.randn(k, n, dtype=dtype)) for k, n in shapes]
+    for a, b in pairs:
+        a @ b
+    best = min(_seconds(lambda: [a @ b for a, b in pairs]) for _ in range(repeats))
+    return sum(2 * m * k * n for k, n in shapes) / best
 
 
 def _seconds(fn: Callable[[], Any]) -> float:
@@ -382,6 +396,11 @@ def table(results: list[dict[str, Any]], peaks: dict[str, float]) -> str:
     return "\n".join(lines) + f"\n\nMatmul peak (1024^3 GEMM): {rates}."
 
 
+def gemm_note(step_gemm: dict[str, float], peaks: dict[str, float]) -> str:
+    rates = ", ".join(f"{k} {100 * v / peaks[k]:.0f}%" for k, v in step_gemm.items())
+    return f"The DiT step's own GEMM shapes alone reach {rates} of that peak."
+
+
 def _mib(value: float | None) -> str:
     return "-" if value is None else f"{value:.0f}"
 
@@ -398,6 +417,7 @@ def main() -> None:
 
     t0 = time.time()
     peaks = {name: matmul_peak(name == "bf16") for name in a.precisions.split(",")}
+    step_gemm = {name: step_gemm_rate(name == "bf16") for name in a.precisions.split(",")}
     results = []
     for row in a.rows.split(","):
         for name in a.precisions.split(","):
@@ -416,10 +436,12 @@ def main() -> None:
         "diffusers": diffusers.__version__,
         "batch": BATCH,
         "matmul_peak_flops": peaks,
+        "step_gemm_flops": step_gemm,
         "rows": results,
     }
     write_json(record, Path(a.json))
     print(table(results, peaks))
+    print(gemm_note(step_gemm, peaks))
     print(f"written: {a.json}")
 
 
