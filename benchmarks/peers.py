@@ -14,6 +14,8 @@ warm-up (drift on a shared machine then hits both alike); a ratio is ours / peer
 - `mmdit_step`: the same for `t2i-emoji`'s MMDiT (2 double + 2 single blocks) against
   `SD3Transformer2DModel` with 4 joint blocks (SD3 has no single-stream block), on 32 text tokens of
   MiniLM's width;
+- `attention`: forward + backward of one block's attention, our `attend` against the plain SDPA call of
+  diffusers' attention processor (the same tensors);
 - `sample`: seconds per image of 30 Euler steps with guidance 3 (two forwards a step) for a batch of 64, our
   sampler against a plain Euler loop over the diffusers DiT;
 - `decode`, `encode`: the demo tokenizer (emoji32) against `AutoencoderKL` with the same decoder (widths,
@@ -335,6 +337,27 @@ def autoencoder_pair(direction: str, bf16: bool) -> Pair:
     return ours_call, peer_call
 
 
+def attention_pair(bf16: bool) -> Pair:
+    """Forward + backward of one DiT block's attention (BATCH x 4 heads x 64 tokens x 64 dims): our `attend`
+    (which picks the unfused kernel for short bf16 training steps on a CPU) against the plain
+    `F.scaled_dot_product_attention` call that diffusers' attention processor makes."""
+    from aligntok.models.layers import attend
+
+    dtype = torch.bfloat16 if bf16 else torch.float32
+    g = torch.Generator().manual_seed(0)
+    shape = (BATCH, 4, LATENT[1] * LATENT[2], 64)
+    q, k, v = (torch.randn(*shape, generator=g).to(dtype).requires_grad_() for _ in range(3))
+    grad = torch.randn(*shape, generator=g).to(dtype)
+
+    def ours() -> None:
+        attend(q, k, v).backward(grad)
+
+    def peer() -> None:
+        F.scaled_dot_product_attention(q, k, v).backward(grad)
+
+    return ours, peer
+
+
 def inception_call(bf16: bool) -> Pair:
     from aligntok.metrics.inception import InceptionFeatures
 
@@ -352,6 +375,7 @@ ROWS: dict[str, Callable[[bool], Pair]] = {
     "dit_step": lambda bf16: step_pair(False, bf16, plain=True),
     "lightningdit_step": lambda bf16: step_pair(False, bf16),
     "mmdit_step": lambda bf16: step_pair(True, bf16),
+    "attention": attention_pair,
     "sample": sample_pair,
     "decode": lambda bf16: autoencoder_pair("decode", bf16),
     "encode": lambda bf16: autoencoder_pair("encode", bf16),
