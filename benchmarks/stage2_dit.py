@@ -22,7 +22,9 @@ the decoders, which set each tokenizer's reconstruction floor, have all trained 
 on a fixed latent, and do not decide the ranking. Measured per tokenizer: `tokenizer eval`'s PSNR, LPIPS,
 rFID, probe and CKNNA; the reconstruction floor (reproduce.py's: the gFID of real latents, decoded); and
 per DiT seed, reproduce.py's class-conditional DiT recipe at `--budget` trained on its latents, with the
-gFID at its last checkpoint with guidance and without. `--dit-steps` and `--num-samples` shorten the
+gFID at its last checkpoint with guidance and without. For the stage-2 variants, stage 3's claim that the
+refinement leaves generation unchanged: DiT seed 0's guided samples (the same latents) decoded also by the
+decoder stage 2 left, so that only the refinement differs. `--dit-steps` and `--num-samples` shorten the
 budget's DiT and gFID (half the `full` study's by default: six tokenizers at its 2,400 steps and 2,000
 samples would take about 8 hours of one core; a ranking needs only that all share one budget). The ranking
 orders the tokenizers by end-to-end gFID and by the DiT's share above its decoder floor, sqrt(gFID) -
@@ -51,9 +53,11 @@ import numpy as np
 
 import reproduce as rep
 import stage2_study as st2
+from aligntok import assets
 from aligntok.config import apply_overrides, to_dict
 from aligntok.data.latents import build_cache, same_latent_space
 from aligntok.files import write_json
+from aligntok.models.tokenizer import Tokenizer
 from aligntok.recipes.tokenizer import tokenizer_train_recipe
 from aligntok.tokenizer_eval import tokenizer_metrics
 from aligntok.train.dit import train_dit
@@ -124,6 +128,22 @@ def gfid_key(name: str, seed: int, cfg: float) -> str:
     return f"{name}/seed{seed}/cfg{cfg:g}"
 
 
+def unrefined_decoder(tok: Path, stage_export: Path, out: Path) -> Path:
+    """The refined export `tok` with the decoder of `stage_export` (the one stage 2 left): the same latent
+    space and latent statistics, the decoder before the refinement. Written once to `out`."""
+    if not (out / "config.json").is_file():
+        refined_tok = Tokenizer.from_pretrained(tok)
+        refined_tok.decoder.load_state_dict(Tokenizer.from_pretrained(stage_export).decoder.state_dict())
+        with assets.atomic_dir(out) as tmp:
+            refined_tok.save_pretrained(tmp)
+    return out
+
+
+def unrefined_key(name: str, cfg: float) -> str:
+    """The gFID of DiT seed 0's samples decoded by `name`'s stage-2 decoder, before the refinement."""
+    return f"{name}/seed0/cfg{cfg:g}/unrefined-decoder"
+
+
 GFID_KEY = re.compile(r"(?P<name>.+)/seed(?P<seed>\d+)/cfg(?P<cfg>[^/]+)")  # gfid_key's keys
 
 
@@ -141,6 +161,8 @@ def study_variant(
     last, scales = budget.checkpoints[-1], (budget.cfg, 1.0)
     keys = [f"{name}/metrics", f"{name}/recon_floor"]
     keys += [gfid_key(name, seed, w) for seed in range(seeds) for w in scales]
+    if name.startswith("elr"):
+        keys.append(unrefined_key(name, budget.cfg))
     if all(map(ledger.has, keys)):
         return
     cfg, source_run = source(name, s, out)
@@ -170,6 +192,22 @@ def study_variant(
                 functools.partial(rep.study_gfid, export, samples, s.dataset, budget, cfg=w),
             )
             print(f"{name}, DiT seed {seed}, guidance {w:g}: gFID {fid:.2f}", flush=True)
+    if name.startswith("elr") and not ledger.has(unrefined_key(name, budget.cfg)):
+        # Stage 3's "generation unchanged": seed 0's samples (the same DiT, latents and sampling seeds)
+        # through the decoder stage 2 left, so that only the refinement differs.
+        unrefined = unrefined_decoder(
+            tok, stage_dir(source_run, cfg.stages[-1]) / "export", run / "unrefined"
+        )
+        samples = rep.checkpoint_samples(run, 0, last, budget.cfg).with_name(
+            f"cfg{budget.cfg:g}-unrefined-decoder"
+        )
+        study = functools.partial(
+            rep.study_gfid, rep.checkpoint_dit(run, 0, last), samples, s.dataset, budget
+        )
+        fid = ledger.value(
+            unrefined_key(name, budget.cfg), lambda: study(cfg=budget.cfg, tokenizer_dir=unrefined)
+        )
+        print(f"{name}, DiT seed 0, guidance {budget.cfg:g}, stage 2's decoder: gFID {fid:.2f}", flush=True)
 
 
 def work_dir(s: st2.Settings, out: Path, refine: Refine) -> Path:
@@ -196,6 +234,7 @@ def ranking(names: list[str], ledger: rep.Ledger, budget: rep.Budget) -> list[di
             "gfid_seeds": gfid,
             "gfid_nocfg": float(np.mean(nocfg)) if nocfg else None,
             "dit_share": math.sqrt(np.mean(gfid)) - math.sqrt(floor),
+            "gfid_unrefined": ledger.measured.get(unrefined_key(name, budget.cfg), {}).get("value"),
         })  # fmt: skip
     for measure in ("gfid", "dit_share"):
         for rank, row in enumerate(sorted(rows, key=lambda r: r[measure]), start=1):
@@ -205,20 +244,27 @@ def ranking(names: list[str], ledger: rep.Ledger, budget: rep.Budget) -> list[di
 
 def markdown(rows: list[dict[str, Any]], budget: rep.Budget) -> str:
     head = (
-        "| tokenizer | PSNR | rFID | probe | CKNNA | floor | gFID (seeds) | gFID, no guidance | DiT share |"
+        "| tokenizer | PSNR | rFID | probe | CKNNA | floor | gFID (seeds) | gFID, no guidance | DiT share "
+        "| seed 0, stage-2 decoder |"
     )
     lines = [head, "|" + "---|" * (head.count("|") - 1)]
     for r in sorted(rows, key=lambda r: r["gfid"]):
         seeds = ", ".join(f"{g:.1f}" for g in r["gfid_seeds"])
-        nocfg = "-" if r["gfid_nocfg"] is None else f"{r['gfid_nocfg']:.1f}"
+        nocfg = _fmt(r["gfid_nocfg"])
         lines.append(
             f"| {r['tokenizer']} | {r['psnr']:.2f} | {r['rfid']:.1f} | {r['probe_balanced']:.1%} | "
             f"{r['cknna']:.3f} | {r['recon_floor']:.1f} | {r['gfid']:.1f} ({seeds}) | {nocfg} | "
-            f"{r['dit_share']:.2f} (#{r['rank_dit_share']}) |"
+            f"{r['dit_share']:.2f} (#{r['rank_dit_share']}) | {_fmt(r['gfid_unrefined'])} |"
         )
     return (
-        "\n".join(lines) + f"\n\ngFID with guidance {budget.cfg:g}; rows by gFID; #: rank by the DiT's share."
+        "\n".join(lines)
+        + f"\n\ngFID with guidance {budget.cfg:g}; rows by gFID; #: rank by the DiT's share; "
+        "the last column: DiT seed 0's same samples through the decoder before the refinement."
     )
+
+
+def _fmt(value: float | None) -> str:
+    return "-" if value is None else f"{value:.1f}"
 
 
 def fingerprint(s: st2.Settings, refine: Refine, budget: rep.Budget) -> str:

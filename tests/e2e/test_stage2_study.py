@@ -65,6 +65,17 @@ def test_every_variant_gets_the_same_refinement_and_the_ranking_holds_both_measu
 
     rows = s2d.ranking(names, ledger, budget)
     assert [r["tokenizer"] for r in rows] == names
+    # Stage 3's check: the stage-2 variant's seed-0 samples also went through the decoder stage 2 left.
+    assert [r["gfid_unrefined"] is not None for r in rows] == [True, False, False]
+    refined, unrefined = (
+        load_file(work / names[0] / d / "model.safetensors") for d in ("tokenizer/export", "unrefined")
+    )
+    stage2 = load_file(
+        tmp_path / "out" / "from4-elr0.0001-wsp0-4" / "stage-2" / "export" / "model.safetensors"
+    )
+    assert unrefined.keys() == refined.keys()
+    for k in unrefined:
+        assert unrefined[k].equal(stage2[k] if k.startswith("decoder.") else refined[k])
     for measure in ("gfid", "dit_share"):
         assert sorted(r[f"rank_{measure}"] for r in rows) == [1, 2, 3]
         best = min(rows, key=lambda r: r[measure])
