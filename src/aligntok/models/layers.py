@@ -141,10 +141,12 @@ def attend(
 
 
 # On a CPU the fused (flash) kernel's BACKWARD is slow for short bf16 sequences. Forward + backward of 64
-# batches x 4 heads of 64 dims, one thread: flash 89 ms, unfused ("math") 51 ms at 64 tokens; 111 vs 81 at
-# 128; 97 vs 114 at 192. Forward alone flash is twice as fast (24 vs 48 ms), and in fp32 flash was as fast
-# or faster at every length, so only bf16 training steps take the unfused path. The demo's DiTs have 64
-# image tokens, 96 with the text.
+# batches x 4 heads of 64 dims at 64 tokens: 14 ms through `attend` against 24 ms for the plain SDPA call, 2
+# threads (the `attention` row of benchmarks/peers.py, docs/results.md). Timed the same way on one thread of
+# a shared core at other lengths (4096 / N batches): flash 89 / 111 / 97 ms against unfused ("math") 51 /
+# 81 / 114 ms at 64 / 128 / 192 tokens. Forward alone flash was twice as fast, and in fp32 as fast or faster
+# at every length, so only bf16 training steps take the unfused path. The demo's DiTs have 64 image tokens,
+# 96 with the text.
 MATH_ATTENTION_MAX_TOKENS = 128
 
 
