@@ -15,14 +15,9 @@ these numbers: if a cheaper one keeps the ceiling, the demo can take it.
 from __future__ import annotations
 
 import argparse
-import datetime
-import os
-import platform
 import time
 from pathlib import Path
 from typing import Any
-
-import torch
 
 from aligntok.files import write_json
 from aligntok.metrics.adherence import (
@@ -32,7 +27,7 @@ from aligntok.metrics.adherence import (
     image_features,
     real_images,
 )
-from reproduce import git_commit
+from reproduce import provenance
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -90,11 +85,7 @@ def main() -> None:
         rows.append(measure(a.data, a.resolution, int(size), precision == "bf16"))
         print(table(rows[-1:]).splitlines()[-1], flush=True)
     record = {
-        "commit": git_commit(),
-        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-        "wall_s": round(time.time() - t0, 1),
-        "machine": {"platform": platform.platform(), "threads": torch.get_num_threads()},
-        "load_avg": os.getloadavg()[0],
+        **provenance(t0),
         "data": a.data,
         "resolution": a.resolution,
         "rows": rows,

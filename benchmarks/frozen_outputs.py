@@ -12,9 +12,6 @@ benchmarks/results/frozen-outputs-<recipe>.json) and prints a table with the bre
 from __future__ import annotations
 
 import argparse
-import datetime
-import os
-import platform
 import statistics
 import time
 from pathlib import Path
@@ -28,7 +25,7 @@ from aligntok.models.tokenizer import Tokenizer
 from aligntok.recipes.tokenizer import tokenizer_train_recipe
 from aligntok.train import tokenizer_stage as ts
 from aligntok.train.common import SpikeGuard
-from reproduce import git_commit
+from reproduce import provenance
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -85,11 +82,7 @@ def main() -> None:
     t0 = time.time()
     rows = [stage_row(a.recipe, k, a.steps) for k in range(len(tokenizer_train_recipe(a.recipe).stages))]
     record = {
-        "commit": git_commit(),
-        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-        "wall_s": round(time.time() - t0, 1),
-        "machine": {"platform": platform.platform(), "threads": torch.get_num_threads()},
-        "load_avg": os.getloadavg()[0],
+        **provenance(t0),
         "recipe": a.recipe,
         "rows": rows,
     }

@@ -32,10 +32,8 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import datetime
 import itertools
 import multiprocessing
-import platform
 import statistics
 import time
 from collections.abc import Callable
@@ -51,7 +49,7 @@ from aligntok.models.dit import DiT, dit_preset
 from aligntok.recipes.dit import dit_train_recipe
 from aligntok.recipes.tokenizer import tokenizer_preset
 from aligntok.train.dit import build_dit, draw_step_noise, flow_matching_loss
-from reproduce import git_commit
+from reproduce import provenance
 
 ROOT = Path(__file__).resolve().parents[1]
 LATENT = (8, 8, 8)  # emoji32: 8 channels on an 8x8 grid
@@ -448,14 +446,7 @@ def main() -> None:
             results.append(measure(row, name == "bf16", peaks[name], a.repeats, a.warmup))
             print(table(results[-1:], peaks).splitlines()[2], flush=True)
     record = {
-        "commit": git_commit(),
-        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-        "wall_s": round(time.time() - t0, 1),
-        "machine": {
-            "platform": platform.platform(),
-            "processor": platform.processor(),
-            "threads": torch.get_num_threads(),
-        },
+        **provenance(t0),
         "torch": torch.__version__,
         "diffusers": diffusers.__version__,
         "batch": BATCH,

@@ -33,6 +33,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import dataclasses
+import datetime
 import fcntl
 import functools
 import hashlib
@@ -47,6 +48,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import torch
 
 from aligntok.checkpoint import export_hash
 from aligntok.config import apply_overrides, to_dict
@@ -226,6 +228,22 @@ def git_commit() -> str | None:
     except (OSError, subprocess.CalledProcessError):
         return None
     return head + ("+changes" if dirty else "")
+
+
+def provenance(t0: float) -> dict[str, Any]:
+    """Where and when a benchmark's numbers were made: the commit, the date, the wall time since `t0` (a
+    `time.time()`), the machine and its load average."""
+    return {
+        "commit": git_commit(),
+        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "wall_s": round(time.time() - t0, 1),
+        "machine": {
+            "platform": platform.platform(),
+            "processor": platform.processor(),
+            "threads": torch.get_num_threads(),
+        },
+        "load_avg": os.getloadavg()[0],
+    }
 
 
 EXPORTS = "/exports"  # the key suffix of `Ledger.record_export`'s lists
