@@ -37,7 +37,7 @@ def stage_row(recipe: str, index: int, steps: int) -> dict[str, Any]:
     parts = ts.build_stage(cfg, stage, lambda: tok, lambda: Tokenizer(cfg.model))
     ds = build_dataset(cfg.data, split="train", resolution=cfg.model.image_size)
     t0 = time.perf_counter()
-    ts.keep_frozen_outputs(parts, cfg, images_read=len(ds))
+    ts.keep_frozen_outputs(parts, cfg, ds, images_read=len(ds))
     keep_s = time.perf_counter() - t0
     kept = parts.frozen
     guard = SpikeGuard(None, stage.max_consecutive_skips)

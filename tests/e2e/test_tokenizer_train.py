@@ -235,9 +235,9 @@ def test_frozen_outputs_are_kept_once_and_give_the_losses_of_computing_them(
     ds = build_dataset(image_folder, split="train", resolution=cfg.model.image_size)
     parts = _stage_parts(cfg, index, run)
     reads = frozen.READS_TO_PAY * len(ds)
-    tok_train.keep_frozen_outputs(parts, cfg, images_read=reads - 1)  # reads the split too few times
+    tok_train.keep_frozen_outputs(parts, cfg, ds, images_read=reads - 1)  # reads the split too few times
     assert parts.frozen == {}
-    tok_train.keep_frozen_outputs(parts, cfg, images_read=reads)
+    tok_train.keep_frozen_outputs(parts, cfg, ds, images_read=reads)
     assert set(parts.frozen) == kept and all(len(v.values) == len(ds) for v in parts.frozen.values())
     index_ = torch.tensor([5, 0, 11, 3])
     batch = {"image": torch.stack([ds[i]["image"] for i in index_.tolist()]), "index": index_}
@@ -254,9 +254,9 @@ def test_frozen_outputs_are_kept_once_and_give_the_losses_of_computing_them(
 def test_frozen_vf_targets_give_the_vf_terms_of_computing_them(image_folder) -> None:
     cfg = apply_overrides(tokenizer_train_recipe("debug-vavae"), [f"data={image_folder}", "bf16=false"])
     parts = tok_train.build_stage(cfg, cfg.stages[0], lambda: Tokenizer(cfg.model), lambda: None)
-    tok_train.keep_frozen_outputs(parts, cfg, images_read=10**6)
-    assert set(parts.frozen) == {"vf"}  # the baseline's encoder trains: only the VF target is frozen
     ds = build_dataset(image_folder, split="train", resolution=cfg.model.image_size)
+    tok_train.keep_frozen_outputs(parts, cfg, ds, images_read=10**6)
+    assert set(parts.frozen) == {"vf"}  # the baseline's encoder trains: only the VF target is frozen
     batch = {"image": torch.stack([ds[i]["image"] for i in (7, 2)]), "index": torch.tensor([7, 2])}
     noise = tok_train.posterior_noise(parts, cfg)[:2]
     kept = parts.autoencoder(batch["image"], noise, parts.frozen_batch(batch))

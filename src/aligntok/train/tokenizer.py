@@ -28,7 +28,7 @@ from typing import Any
 
 import torch
 from torch import Tensor, nn
-from torch.utils.data import DataLoader
+from torch.utils.data import DataLoader, Dataset
 
 from aligntok import distributed
 from aligntok.checkpoint import TrainingState, latest_checkpoint, module_state, set_module_state
@@ -252,10 +252,12 @@ def _validation_batch(cfg: TokenizerTrainConfig) -> Tensor:
     return torch.stack([item["image"] for item in items])
 
 
-def _stage_loader(cfg: TokenizerTrainConfig, stage: StageConfig, start: int) -> Iterable[dict[str, Tensor]]:
-    """The training batches of steps [start, stage.steps), a pure function of (seed, stage, step)."""
+def _stage_loader(
+    cfg: TokenizerTrainConfig, stage: StageConfig, start: int, dataset: Dataset
+) -> Iterable[dict[str, Tensor]]:
+    """The batches of the training split `dataset` for steps [start, stage.steps), a pure function of
+    (seed, stage, step)."""
     world = distributed.world()
-    dataset = build_dataset(cfg.data, split="train", resolution=cfg.model.image_size)
     order = {"seed": cfg.seed + 1000 * _index(cfg, stage), "start": start, "stop": stage.steps}
     order |= {"rank": world.rank, "world": world.world_size}
     if isinstance(dataset, ShardDataset):  # streamed: each rank reads its own shards
@@ -290,8 +292,9 @@ def _train_stage(cfg: TokenizerTrainConfig, stage: StageConfig, *, out: Path) ->
         distributed.print0(f"stage {stage.name}: resumed at step {step} ({last})")
     elif parts.disc is not None:
         _carry_discriminator(cfg, stage, out, parts.disc)
-    keep_frozen_outputs(parts, cfg, images_read=(stage.steps - step) * cfg.batch_size)
-    loader = _stage_loader(cfg, stage, step)
+    dataset = build_dataset(cfg.data, split="train", resolution=cfg.model.image_size)
+    keep_frozen_outputs(parts, cfg, dataset, images_read=(stage.steps - step) * cfg.batch_size)
+    loader = _stage_loader(cfg, stage, step, dataset)
     val_images = _validation_batch(cfg).to(world.device) if world.is_main else None
     log = JsonlLog(sdir / "log.jsonl")
     if world.is_main:

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import torch
 from torch import Tensor, nn
-from torch.utils.data import DataLoader, Subset
+from torch.utils.data import DataLoader, Dataset, Subset
 
 from aligntok import distributed
 from aligntok.checkpoint import module_state
@@ -163,13 +163,13 @@ def build_stage(
     return parts
 
 
-def keep_frozen_outputs(parts: Stage, cfg: TokenizerTrainConfig, images_read: int) -> None:
-    """Compute once what this stage's frozen networks output for every training image (`aligntok.train.
-    frozen`: where it pays and fits) and keep it in `parts.frozen`: the frozen front of the encode path
-    (the encoder's features in stage 1; encoder + adapter in stage 3), the L_sp reference's z_ref, the VF
-    loss's target features. Call it with the stage's weights final (after a resume has loaded them)."""
+def keep_frozen_outputs(parts: Stage, cfg: TokenizerTrainConfig, dataset: Dataset, images_read: int) -> None:
+    """Compute once what this stage's frozen networks output for every image of `dataset` (the training
+    split; `aligntok.train.frozen`: where it pays and fits) and keep it in `parts.frozen`: the frozen front of
+    the encode path (the encoder's features in stage 1; encoder + adapter in stage 3), the L_sp reference's
+    z_ref, the VF loss's target features. Call it with the stage's weights final (after a resume has loaded
+    them)."""
     stage, tok, world = parts.config, parts.tokenizer, distributed.world()
-    dataset = build_dataset(cfg.data, split="train", resolution=cfg.model.image_size)
     mode = resolve_mode(cfg.parallel.mode, world.world_size, process_group=torch.distributed.is_initialized())
     if not worth_caching(dataset, images_read, sharded=mode == "fsdp"):
         return
