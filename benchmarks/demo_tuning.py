@@ -21,7 +21,6 @@ import argparse
 import dataclasses
 import hashlib
 import json
-import time
 from pathlib import Path
 from typing import Any
 
@@ -42,11 +41,6 @@ from reproduce import git_commit, open_ledger
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def timed(fn: Any) -> tuple[Any, float]:
-    t0 = time.time()
-    return fn(), round(time.time() - t0, 1)
-
-
 def tokenizer_name(stage_steps: tuple[int, ...]) -> str:
     return "tok" + "-".join(map(str, stage_steps))
 
@@ -54,7 +48,8 @@ def tokenizer_name(stage_steps: tuple[int, ...]) -> str:
 def study_tokenizer(
     p: DemoPreset, out: Path, ledger: Any, dit_steps: list[int], guidance: list[float]
 ) -> None:
-    """Everything of one tokenizer schedule `p.stage_steps` that `ledger` lacks."""
+    """Everything of one tokenizer schedule `p.stage_steps` that `ledger` lacks; each step's wall time is
+    the ledger's record of how long measuring it took."""
     name = tokenizer_name(p.stage_steps)
     wanted = [f"{name}/dit{n}/cfg{w:g}" for n in dit_steps for w in guidance]
     if all(ledger.has(k) for k in wanted):
@@ -66,15 +61,16 @@ def study_tokenizer(
     keep = f"keep_checkpoints=[{','.join(map(str, sorted(dit_steps)))}]"
     dit_cfg = apply_overrides(dit_train_recipe(p.dit_recipe), [*dit_set, keep])
     tok = run / "tokenizer" / "export"
-    train_tok = lambda: train_tokenizer(tok_cfg, out=run / "tokenizer", resume=True)  # noqa: E731
-    ledger.value(f"{name}/tokenizer_s", lambda: timed(train_tok)[1])
+    ledger.value(
+        f"{name}/tokenizer", lambda: str(train_tokenizer(tok_cfg, out=run / "tokenizer", resume=True))
+    )
     metrics_kw = {"num": p.eval_num, "bf16": p.bf16, "out": run / "tokenizer.json"}
-    ledger.value(f"{name}/metrics", lambda: _with_time(lambda: tokenizer_metrics(tok, p.data, **metrics_kw)))
+    ledger.value(f"{name}/metrics", lambda: tokenizer_metrics(tok, p.data, **metrics_kw))
     cache_kw = {"tokenizer_dir": tok, "data": p.data, "out": run / "latents", "flip": True, "bf16": p.bf16}
-    ledger.value(f"{name}/cache_s", lambda: timed(lambda: build_cache(**cache_kw))[1])
+    ledger.value(f"{name}/cache", lambda: str(build_cache(**cache_kw)))
     dit_run = run / f"dit{p.dit_steps}"  # one DiT run per longest count, kept at every count
     train = lambda: train_dit(dit_cfg, latents=run / "latents", out=dit_run, resume=True)  # noqa: E731
-    ledger.value(f"{name}/dit{p.dit_steps}_s", lambda: timed(train)[1])
+    ledger.value(f"{name}/dit{p.dit_steps}", lambda: str(train()))
     resolution = tok_cfg.model.image_size
     for n in dit_steps:
         for w in guidance:
@@ -82,53 +78,44 @@ def study_tokenizer(
 
             def measure(n: int = n, w: float = w, where: Path = where) -> dict[str, Any]:
                 kw = {"data": p.data, "num": p.num_samples, "ref_num": p.ref_num, "sample": p.sample(w)}
-                fid, seconds = timed(lambda: generation_fid(kept_export(dit_run, n), out=where, **kw))
-                adh = class_adherence(where / "samples.npz", p.data, resolution)
-                return {"gfid": fid["fid"], "samples_s": seconds, **adh}
+                fid = generation_fid(kept_export(dit_run, n), out=where, **kw)["fid"]
+                return {"gfid": fid, **class_adherence(where / "samples.npz", p.data, resolution)}
 
             ledger.value(f"{name}/dit{n}/cfg{w:g}", measure)
 
 
-def _with_time(fn: Any) -> dict[str, Any]:
-    value, seconds = timed(fn)
-    return {"value": value, "seconds": seconds}
-
-
 def rows(
-    p: DemoPreset, ledger: Any, tokenizers: list[tuple[int, ...]], dit_steps: list[int], guidance: list[float]
-):
+    ledger: Any, tokenizers: list[tuple[int, ...]], dit_steps: list[int], guidance: list[float]
+) -> list[dict[str, Any]]:
     """One row per measured (tokenizer, DiT steps, guidance), with the demo's minutes to get there."""
-    floor, ceiling = ledger.get("fixed/floor"), ledger.get("fixed/ceiling")
+    ceiling = ledger.get("fixed/ceiling")
     max_steps = max(dit_steps)
     out = []
     for stages in tokenizers:
         name = tokenizer_name(stages)
-        if not ledger.has(f"{name}/dit{max_steps}_s"):
+        if not ledger.has(f"{name}/dit{max_steps}"):
             continue
-        base = ledger.get(f"{name}/tokenizer_s") + ledger.get(f"{name}/metrics")["seconds"]
-        base += ledger.get(f"{name}/cache_s") + floor["seconds"] + ceiling["seconds"]
+        before = (f"{name}/tokenizer", f"{name}/metrics", f"{name}/cache", "fixed/floor", "fixed/ceiling")
+        base = sum(map(ledger.seconds, before))
         for n in dit_steps:
-            sets = {
-                w: ledger.get(f"{name}/dit{n}/cfg{w:g}")
-                for w in guidance
-                if ledger.has(f"{name}/dit{n}/cfg{w:g}")
-            }
-            for w, r in sets.items():
-                other = sum(s["samples_s"] for v, s in sets.items() if v != w) / max(len(sets) - 1, 1)
-                seconds = (
-                    base + ledger.get(f"{name}/dit{max_steps}_s") * n / max_steps + r["samples_s"] + other
-                )
-                met = recognisable(r["category_per_class"], ceiling["value"]["category_per_class"])
+            sets = [w for w in guidance if ledger.has(f"{name}/dit{n}/cfg{w:g}")]
+            for w in sets:
+                r = ledger.get(f"{name}/dit{n}/cfg{w:g}")
+                samples_s = ledger.seconds(f"{name}/dit{n}/cfg{w:g}")
+                others = [ledger.seconds(f"{name}/dit{n}/cfg{v:g}") for v in sets if v != w]
+                other = sum(others) / max(len(others), 1)
+                seconds = base + ledger.seconds(f"{name}/dit{max_steps}") * n / max_steps + samples_s + other
+                met = recognisable(r["category_per_class"], ceiling["category_per_class"])
                 out.append({
                     "tokenizer": list(stages),
                     "dit_steps": n,
                     "guidance": w,
                     "minutes": seconds / 60,
                     "gfid": r["gfid"],
-                    "floor": floor["value"],
+                    "floor": ledger.get("fixed/floor"),
                     "adherence_balanced": r["category_balanced"],
                     "recognisable": met,
-                    "psnr": ledger.get(f"{name}/metrics")["value"]["psnr"],
+                    "psnr": ledger.get(f"{name}/metrics")["psnr"],
                 })  # fmt: skip
     return sorted(out, key=lambda r: r["minutes"])
 
@@ -189,13 +176,11 @@ def main() -> None:
         "ref_num": preset.ref_num,
         "bf16": preset.bf16,
     }
-    ledger.value("fixed/floor", lambda: _with_time(lambda: fid_floor(preset.data, **floor_kw)["fid"]))
-    ledger.value(
-        "fixed/ceiling", lambda: _with_time(lambda: real_scores(preset.data, resolution, text=False))
-    )
+    ledger.value("fixed/floor", lambda: fid_floor(preset.data, **floor_kw)["fid"])
+    ledger.value("fixed/ceiling", lambda: real_scores(preset.data, resolution, text=False))
     for stages in tokenizers:
         study_tokenizer(dataclasses.replace(preset, stage_steps=stages), out, ledger, dit_steps, guidance)
-    found = rows(preset, ledger, tokenizers, dit_steps, guidance)
+    found = rows(ledger, tokenizers, dit_steps, guidance)
     record["rows"] = found
     save()
     print(table(found))

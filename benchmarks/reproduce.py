@@ -273,6 +273,10 @@ class Ledger:
     def get(self, key: str) -> Any:
         return self.measured[key]["value"]
 
+    def seconds(self, key: str) -> float:
+        """The wall time that measuring `key` took."""
+        return self.measured[key]["wall_s"]
+
     def save(self) -> None:
         if self.path is None:
             self._save()
